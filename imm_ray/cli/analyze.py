@@ -1,0 +1,1 @@
+"""imm-ray analyze (to be written)."""

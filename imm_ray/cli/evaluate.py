@@ -1,0 +1,1 @@
+"""imm-ray evaluate (to be written)."""

@@ -1,0 +1,1 @@
+"""imm-ray grade (to be written)."""

@@ -1,0 +1,1 @@
+"""imm-ray merge (to be written)."""

@@ -1,0 +1,1 @@
+"""imm-ray run (to be written)."""

@@ -1,0 +1,1 @@
+"""imm-ray sweep (to be written)."""

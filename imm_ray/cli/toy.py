@@ -1,0 +1,1 @@
+"""imm-ray toy (to be written)."""
