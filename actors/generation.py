@@ -1,0 +1,138 @@
+"""Sampling k answers per question with Ray Data over an actor pool of generation engines.
+
+Questions are grouped into fixed request groups (``questions_per_batch`` questions at one temperature) on the
+driver, and each group carries its own seed. A group is the unit a generation actor handles, so the samples do not
+depend on how many actors run or which one takes which group: one seed fixes every sample.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import ray
+
+from actors.engines import EngineSpec, SamplingRequest, make_engine
+from imm_ray.data.prompts import STOP_STRINGS
+from imm_ray.data.records import Problem
+from imm_ray.grading import grade
+from imm_ray.stages import fingerprint
+
+SAMPLE_COLUMNS = [
+    "question_id", "set_name", "question", "prompt", "sample_index", "temperature", "completion", "extracted", "correct",
+]
+
+
+@dataclass(frozen=True)
+class SamplingPlan:
+    """k samples per question spread over the temperatures (k = 3 over {0.2, 0.4, 0.6}: one at each)."""
+
+    samples_per_question: int
+    temperatures: tuple[float, ...]
+    max_new_tokens: int
+    top_p: float = 1.0
+    questions_per_batch: int = 32
+    seed: int = 0
+
+    def samples_at(self) -> list[tuple[float, int]]:
+        """(temperature, count) pairs: samples dealt round-robin over the temperatures."""
+        k, temps = self.samples_per_question, self.temperatures
+        counts = [k // len(temps) + (1 if i < k % len(temps) else 0) for i in range(len(temps))]
+        return [(t, c) for t, c in zip(temps, counts) if c > 0]
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """Size and resources of the generation actor pool (min == max for a fixed pool)."""
+
+    min_actors: int = 1
+    max_actors: int = 1
+    cpus_per_actor: float = 1
+    gpus_per_actor: float = 0
+
+
+def build_request_groups(problems: Sequence[Problem], prompts: Sequence[str], plan: SamplingPlan) -> list[dict]:
+    """The driver-side plan of work: one row per (temperature, block of questions), each with its own seed."""
+    groups = []
+    first_sample = 0
+    for temperature, count in plan.samples_at():
+        for start in range(0, len(problems), plan.questions_per_batch):
+            block = range(start, min(start + plan.questions_per_batch, len(problems)))
+            seed = int(fingerprint({"seed": plan.seed, "t": temperature, "start": start})[:8], 16)
+            payload = {
+                "problems": [problems[i].model_dump(mode="json") for i in block],
+                "prompts": [prompts[i] for i in block],
+                "request": SamplingRequest(
+                    n=count, temperature=temperature, top_p=plan.top_p, max_new_tokens=plan.max_new_tokens,
+                    seed=seed, stop=STOP_STRINGS,
+                ).model_dump(mode="json"),
+                "first_sample": first_sample,
+            }
+            groups.append({"group": json.dumps(payload)})
+        first_sample += count
+    return groups
+
+
+class GenerationActor:
+    """A Ray Data actor: builds its engine once, then samples and grades one request group per call."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.engine = make_engine(EngineSpec.model_validate(spec))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        rows: list[dict[str, Any]] = []
+        for text in batch["group"]:
+            rows.extend(self._run_group(json.loads(text)))
+        return {column: [row[column] for row in rows] for column in SAMPLE_COLUMNS}
+
+    def _run_group(self, payload: dict[str, Any]) -> list[dict[str, Any]]:
+        request = SamplingRequest.model_validate(payload["request"])
+        problems = [Problem.model_validate(p) for p in payload["problems"]]
+        completions = self.engine.generate(payload["prompts"], request)
+        rows = []
+        for problem, prompt, samples in zip(problems, payload["prompts"], completions):
+            for offset, completion in enumerate(samples):
+                result = grade(problem, completion)
+                rows.append({
+                    "question_id": problem.id, "set_name": problem.set_name, "question": problem.question, "prompt": prompt,
+                    "sample_index": payload["first_sample"] + offset, "temperature": request.temperature,
+                    "completion": completion, "extracted": result.extracted, "correct": bool(result.correct),
+                })
+        return rows
+
+
+def generate_samples(
+    problems: Sequence[Problem],
+    prompts: Sequence[str],
+    engine: EngineSpec,
+    plan: SamplingPlan,
+    pool: PoolSpec,
+) -> pd.DataFrame:
+    """Sample and grade ``plan.samples_per_question`` completions per problem; rows sorted by question, sample."""
+    if len(problems) != len(prompts):
+        raise ValueError(f"{len(problems)} problems but {len(prompts)} prompts")
+    if not problems:
+        raise ValueError("no questions to generate for")
+    groups = build_request_groups(problems, prompts, plan)
+    size = (pool.min_actors, pool.max_actors) if pool.min_actors != pool.max_actors else pool.min_actors
+    compute = (
+        ray.data.ActorPoolStrategy(min_size=size[0], max_size=size[1])
+        if isinstance(size, tuple)
+        else ray.data.ActorPoolStrategy(size=min(size, len(groups)))
+    )
+    dataset = ray.data.from_items(groups, override_num_blocks=len(groups)).map_batches(
+        GenerationActor,
+        fn_constructor_kwargs={"spec": engine.model_dump(mode="json")},
+        batch_size=1,
+        compute=compute,
+        num_cpus=pool.cpus_per_actor,
+        **({"num_gpus": pool.gpus_per_actor} if pool.gpus_per_actor else {}),
+    )
+    frame = pd.DataFrame(dataset.take_all(), columns=SAMPLE_COLUMNS)
+    order = {problem.id: i for i, problem in enumerate(problems)}
+    frame["_order"] = frame["question_id"].map(order)
+    return frame.sort_values(["_order", "sample_index"]).drop(columns="_order").reset_index(drop=True)

@@ -1,0 +1,221 @@
+"""Everything checked and loaded before the first expensive stage: models, data, resources, engine.
+
+A bad model path, an empty data set or a config asking for more CPUs than the cluster has fails here, with the
+config field named, before any sampling or training starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from imm_ray.config import ExperimentConfig
+from imm_ray.data.records import Problem
+from imm_ray.stages import fingerprint, model_fingerprint
+
+if TYPE_CHECKING:
+    from actors.engines import EngineSpec
+    from actors.generation import PoolSpec, SamplingPlan
+    from imm_ray.loop import ModelRef
+
+
+class PreflightError(ValueError):
+    """A problem with the run's inputs found before any expensive work; the message names the field."""
+
+
+def resolve_model(field: str, path: str, trust_remote_code: bool) -> str:
+    """A local HF folder with safetensors weights, or a hub id fetched into the local cache."""
+    folder = Path(path)
+    if folder.is_dir():
+        check_model_folder(field, folder)
+        return str(folder)
+    if folder.exists() or path.startswith((".", "/")) or path.count("/") != 1:
+        raise PreflightError(f"{field}: {path} is not a model folder (no such directory)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"])
+    except Exception as error:  # noqa: BLE001 - any hub failure means the same thing to the user
+        raise PreflightError(
+            f"{field}: {path} is neither a local folder nor reachable on the Hugging Face hub ({type(error).__name__})"
+        ) from None
+    check_model_folder(field, Path(local))
+    return local
+
+
+def check_model_folder(field: str, folder: Path) -> None:
+    if not (folder / "config.json").is_file():
+        raise PreflightError(f"{field}: {folder} has no config.json, so it is not a Hugging Face model folder")
+    if not any(folder.glob("*.safetensors")):
+        pickles = [p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth")]
+        hint = (
+            f" It holds pickle checkpoints ({', '.join(pickles)}), which imm-ray never loads: convert them with "
+            "`AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)`."
+            if pickles else ""
+        )
+        raise PreflightError(f"{field}: {folder} has no .safetensors weights.{hint}")
+
+
+@dataclass
+class PreparedRun:
+    config: ExperimentConfig
+    base: ModelRef
+    teacher: ModelRef | None
+    train_problems: list[Problem]
+    train_prompts: list[str]
+    eval_sets: dict[str, list[Problem]]
+    eval_prompts: dict[str, list[str]]
+    engine_kind: str
+    train_fingerprint: str
+    eval_fingerprint: str
+    importance_fingerprint: str
+
+    def engine_spec(self, model_path: str) -> EngineSpec:
+        from actors.engines import EngineSpec
+
+        gen, res = self.config.generation, self.config.resources
+        return EngineSpec(
+            kind=self.engine_kind, model_path=model_path, trust_remote_code=self.config.model.trust_remote_code,
+            threads=max(1, int(res.cpus_per_generation_actor)), tensor_parallel_size=gen.tensor_parallel_size,
+            gpu_memory_utilization=gen.gpu_memory_utilization, max_model_len=gen.max_model_len,
+            enforce_eager=gen.enforce_eager,
+        )
+
+    def sampling_plan(self, seed: int) -> SamplingPlan:
+        from actors.generation import SamplingPlan
+
+        gen = self.config.generation
+        return SamplingPlan(
+            samples_per_question=gen.samples_per_question, temperatures=gen.temperatures,
+            max_new_tokens=gen.max_new_tokens, top_p=gen.top_p, questions_per_batch=gen.questions_per_batch, seed=seed,
+        )
+
+    def eval_plan(self) -> SamplingPlan:
+        from actors.generation import SamplingPlan
+
+        ev, gen = self.config.eval, self.config.generation
+        return SamplingPlan(
+            samples_per_question=ev.samples, temperatures=(ev.temperature,),
+            max_new_tokens=ev.max_new_tokens or gen.max_new_tokens, top_p=gen.top_p,
+            questions_per_batch=gen.questions_per_batch, seed=self.config.experiment.seed,
+        )
+
+    @property
+    def generation_pool(self) -> PoolSpec:
+        from actors.generation import PoolSpec
+
+        res = self.config.resources
+        return PoolSpec(
+            min_actors=res.generation_actors, max_actors=res.generation_actors,
+            cpus_per_actor=res.cpus_per_generation_actor, gpus_per_actor=res.gpus_per_generation_actor,
+        )
+
+    def importance_pairs(self) -> list[tuple[str, str]]:
+        """(prompt, reference response) pairs IIMM's layer importance is computed on."""
+        from imm_ray.data.prompts import build_prompt, reference_response
+
+        cfg = self.config
+        name = cfg.merge.importance_set or cfg.data.train_set
+        problems = _load(
+            "merge.importance_set", name, cfg.data.train_split, cfg.data.data_dir, cfg.merge.importance_limit,
+            cfg.experiment.seed, cfg.data.train_path if name == cfg.data.train_set else None,
+        )
+        pairs = [(build_prompt(p.question), reference_response(p)) for p in problems]
+        pairs = [(q, r) for q, r in pairs if r]
+        if not pairs:
+            raise PreflightError(f"merge.importance_set: {name} has no reference solutions to compute importance on")
+        return pairs
+
+
+def _load(field: str, name: str, split: str, data_dir: str | None, limit: int | None, seed: int,
+          path: str | None = None) -> list[Problem]:
+    from imm_ray.data.registry import load_set
+
+    try:
+        problems = load_set(name, split, path=path, data_dir=data_dir, limit=limit, seed=seed)
+    except (ValueError, OSError) as error:
+        raise PreflightError(f"{field}: {error}") from None
+    if not problems:
+        raise PreflightError(f"{field}: data set {name} ({split} split) has no questions")
+    return problems
+
+
+def _prompts(config: ExperimentConfig, set_name: str, problems: list[Problem]) -> list[str]:
+    from imm_ray.data.prompts import make_prompter
+
+    tokenizer = None
+    if config.data.chat_template:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(config.model.resolved_path())
+    prompter = make_prompter(
+        set_name, num_shots=config.data.num_shots, seed=config.experiment.seed, data_dir=config.data.data_dir,
+        chat_template_tokenizer=tokenizer,
+    )
+    return [prompter(problem) for problem in problems]
+
+
+def check_resources(config: ExperimentConfig) -> None:
+    """The cluster must hold the largest single request of any stage (stages run one at a time)."""
+    import ray
+
+    available = ray.cluster_resources()
+    res = config.resources
+    cpus = available.get("CPU", 0)
+    gpus = available.get("GPU", 0)
+    needs = {
+        "resources.generation_actors × cpus_per_generation_actor": res.generation_actors * res.cpus_per_generation_actor,
+        "resources.sft_workers × cpus_per_sft_worker": (res.sft_min_workers or res.sft_workers) * res.cpus_per_sft_worker,
+        "resources.merge_workers": res.merge_workers,
+    }
+    for field, need in needs.items():
+        if need > cpus:
+            raise PreflightError(f"{field} asks for {need:g} CPUs but the Ray cluster has {cpus:g}")
+    gpu_need = max(res.generation_actors * res.gpus_per_generation_actor, res.sft_workers if res.use_gpu else 0)
+    if gpu_need > gpus:
+        raise PreflightError(f"resources asks for {gpu_need:g} GPUs but the Ray cluster has {gpus:g}")
+
+
+def prepare_run(config: ExperimentConfig) -> PreparedRun:
+    """Resolve models, load data and check resources; raise :class:`PreflightError` on the first problem."""
+    from actors.engines import resolve_engine_kind
+    from imm_ray.loop import ModelRef
+
+    cfg, data = config, config.data
+    base_path = resolve_model("model.path", cfg.model.resolved_path(), cfg.model.trust_remote_code)
+    base = ModelRef(base_path, model_fingerprint(base_path))
+    teacher = None
+    if cfg.model.teacher is not None:
+        teacher_path = resolve_model("model.teacher", cfg.model.resolved_teacher(), cfg.model.trust_remote_code)
+        teacher = ModelRef(teacher_path, model_fingerprint(teacher_path))
+    seed = cfg.experiment.seed
+    train = _load("data.train_set", data.train_set, data.train_split, data.data_dir, data.train_limit, seed, data.train_path)
+    eval_sets = {
+        name: _load("data.eval_sets", name, data.eval_split, data.data_dir, data.eval_limit, seed)
+        for name in data.eval_sets
+    }
+    check_resources(cfg)
+    try:
+        engine_kind = resolve_engine_kind(cfg.generation.engine)
+    except RuntimeError as error:
+        raise PreflightError(f"generation.engine: {error}") from None
+    train_prompts = _prompts(cfg, data.train_set, train)
+    eval_prompts = {name: _prompts(cfg, name, probs) for name, probs in eval_sets.items()}
+    return PreparedRun(
+        config=cfg, base=base, teacher=teacher,
+        train_problems=train, train_prompts=train_prompts, eval_sets=eval_sets, eval_prompts=eval_prompts,
+        engine_kind=engine_kind,
+        train_fingerprint=_content_fingerprint({data.train_set: train}, {data.train_set: train_prompts}),
+        eval_fingerprint=_content_fingerprint(eval_sets, eval_prompts),
+        importance_fingerprint=fingerprint({"set": cfg.merge.importance_set or data.train_set,
+                                            "limit": cfg.merge.importance_limit, "seed": seed}),
+    )
+
+
+def _content_fingerprint(sets: dict[str, list[Problem]], prompts: dict[str, list[str]]) -> str:
+    """Identify data by what the model sees and is graded against, so an edited data file is never reused."""
+    return fingerprint({
+        name: [[p.id, prompt, p.answer, list(p.choices or ())] for p, prompt in zip(problems, prompts[name])]
+        for name, problems in sets.items()
+    })
