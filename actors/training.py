@@ -8,6 +8,7 @@ writes a consolidated Hugging Face folder (safetensors) in the base model's dtyp
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from contextlib import nullcontext
@@ -17,6 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 IGNORE_INDEX = -100
+TRAINING_LOG = "training_log.json"
 
 
 class SFTJob(BaseModel):
@@ -135,6 +137,7 @@ def _train_worker(config: dict[str, Any]) -> None:
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(job)
     )
 
+    history = []
     for epoch in range(job.epochs):
         sampler.set_epoch(epoch)
         total, count = 0.0, 0
@@ -144,9 +147,12 @@ def _train_worker(config: dict[str, Any]) -> None:
             engine.backward(loss)
             engine.step()
             total, count = total + loss.item(), count + 1
-        ray.train.report({"epoch": epoch + 1, "loss": total / max(count, 1), "examples": len(examples)})
+        history.append({"epoch": epoch + 1, "loss": total / max(count, 1), "examples": len(examples)})
+        ray.train.report(history[-1])
 
     _save_consolidated(engine, job, tokenizer, save_dtype, rank)
+    if rank == 0:
+        Path(job.output_dir, TRAINING_LOG).write_text(json.dumps({"epochs": history, "world_size": world}, indent=2))
 
 
 def _save_consolidated(engine, job: SFTJob, tokenizer, save_dtype, rank: int) -> None:
@@ -159,10 +165,23 @@ def _save_consolidated(engine, job: SFTJob, tokenizer, save_dtype, rank: int) ->
     gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if job.zero_stage == 3 else nullcontext()
     with gather:
         if rank == 0:
-            state = {k: v.detach().to("cpu", dtype=save_dtype).clone() for k, v in module.state_dict().items()}
+            state = _unique_tensors(module.state_dict(), save_dtype)
             module.save_pretrained(job.output_dir, state_dict=state, safe_serialization=True)
             tokenizer.save_pretrained(job.output_dir)
     torch.distributed.barrier()
+
+
+def _unique_tensors(state: dict[str, Any], dtype) -> dict[str, Any]:
+    """The state dict on CPU in ``dtype``, with each tied tensor (e.g. lm_head = embeddings) kept once, under
+    its first name, as transformers' own save would do."""
+    seen: set[int] = set()
+    unique = {}
+    for name, tensor in state.items():
+        if tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        unique[name] = tensor.detach().to("cpu", dtype=dtype).clone()
+    return unique
 
 
 def run_sft(job: SFTJob) -> dict[str, Any]:
@@ -186,7 +205,8 @@ def run_sft(job: SFTJob) -> dict[str, Any]:
             failure_config=FailureConfig(max_failures=job.max_failures),
         ),
     )
-    result = trainer.fit()
-    if not (Path(job.output_dir) / "config.json").is_file():
+    trainer.fit()
+    log = Path(job.output_dir) / TRAINING_LOG
+    if not (Path(job.output_dir) / "config.json").is_file() or not log.is_file():
         raise RuntimeError(f"SFT finished but wrote no model to {job.output_dir}")
-    return dict(result.metrics or {})
+    return json.loads(log.read_text())

@@ -1,0 +1,38 @@
+from actors.engines import EngineSpec
+from actors.generation import PoolSpec, SamplingPlan, build_request_groups, generate_samples
+from imm_ray.data.records import Problem
+
+PROBLEMS = [
+    Problem(id=f"q{i}", set_name="toy_id", question=f"Tom has {i} apples and buys 2 more. How many?", answer=str(i + 2),
+            kind="numeric")
+    for i in range(5)
+]
+PROMPTS = [f"Instruction:\n{p.question}\n\nResponse: Let's think step by step.\n" for p in PROBLEMS]
+
+
+def test_samples_are_dealt_round_robin_over_temperatures():
+    plan = SamplingPlan(samples_per_question=4, temperatures=(0.2, 0.4, 0.6), max_new_tokens=4)
+    assert plan.samples_at() == [(0.2, 2), (0.4, 1), (0.6, 1)]
+    plan = SamplingPlan(samples_per_question=2, temperatures=(0.2, 0.4, 0.6), max_new_tokens=4)
+    assert plan.samples_at() == [(0.2, 1), (0.4, 1)]
+
+
+def test_request_groups_have_fixed_seeds():
+    plan = SamplingPlan(samples_per_question=3, temperatures=(0.2, 0.6), max_new_tokens=4, questions_per_batch=2, seed=7)
+    groups = build_request_groups(PROBLEMS, PROMPTS, plan)
+    assert len(groups) == 2 * 3  # two temperatures × ceil(5 / 2) blocks
+    assert groups == build_request_groups(PROBLEMS, PROMPTS, plan)
+    other = build_request_groups(PROBLEMS, PROMPTS, SamplingPlan(**{**plan.__dict__, "seed": 8}))
+    assert groups != other
+
+
+def test_pipeline_samples_grades_and_is_independent_of_pool_size(ray_cluster, tiny_model):
+    engine = EngineSpec(kind="transformers", model_path=str(tiny_model))
+    plan = SamplingPlan(samples_per_question=3, temperatures=(0.2, 0.6), max_new_tokens=6, questions_per_batch=2, seed=1)
+    one = generate_samples(PROBLEMS, PROMPTS, engine, plan, PoolSpec(min_actors=1, max_actors=1))
+    two = generate_samples(PROBLEMS, PROMPTS, engine, plan, PoolSpec(min_actors=2, max_actors=2))
+    assert len(one) == 15
+    assert list(one.groupby("question_id")["sample_index"].apply(sorted)) == [[0, 1, 2]] * 5
+    assert set(one["temperature"]) == {0.2, 0.6}
+    assert one.equals(two)
+    assert one["correct"].dtype == bool
