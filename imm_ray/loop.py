@@ -9,11 +9,9 @@ rerun, and a stage two strategies share (iteration 0's generation and SFT) is co
 
 from __future__ import annotations
 
-import contextlib
-import os
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ import pandas as pd
 from rich.console import Console
 
 import imm_ray
+from actors.cluster import ray_session
 from imm_ray.config import ExperimentConfig, save_config
 from imm_ray.data.records import Problem
 from imm_ray.preflight import PreparedRun, prepare_run
@@ -71,22 +70,6 @@ def _timing_note(seconds: float) -> str:
     return f"## Run\n\nWall time of this invocation: {seconds:.0f} s (stages done earlier were reused, not redone).\n"
 
 
-@contextlib.contextmanager
-def ray_session(config: ExperimentConfig) -> Iterator[None]:
-    """Use the Ray cluster already initialised or named by RAY_ADDRESS, else start a local one (and stop it)."""
-    import ray
-
-    if ray.is_initialized():
-        yield
-        return
-    env = {"TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
-    ray.init(address=os.environ.get("RAY_ADDRESS"), runtime_env={"env_vars": env}, logging_level="WARNING")
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
-
 class IterationLoop:
     """Runs every configured strategy for ``experiment.iterations`` iterations over one stage cache."""
 
@@ -103,7 +86,7 @@ class IterationLoop:
         self.store.clean_leftovers()
         save_config(self.config, self.run_dir / "config.yaml")
         result = RunResult(self.run_dir)
-        with ray_session(self.config):
+        with ray_session():
             self.prepared = prepare_run(self.config)
             base = self.prepared.base
             result.evaluations.append(EvalEntry("base", None, "base", self.evaluate(base, self.run_dir / "base" / "eval")))

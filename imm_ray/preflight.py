@@ -177,7 +177,12 @@ def check_resources(config: ExperimentConfig) -> None:
         raise PreflightError(f"resources asks for {gpu_need:g} GPUs but the Ray cluster has {gpus:g}")
 
 
-def prepare_run(config: ExperimentConfig) -> PreparedRun:
+def prepare_eval(config: ExperimentConfig) -> PreparedRun:
+    """What evaluating one model needs: the model, the eval sets, resources (no training data)."""
+    return prepare_run(config, with_training_data=False)
+
+
+def prepare_run(config: ExperimentConfig, *, with_training_data: bool = True) -> PreparedRun:
     """Resolve models, load data and check resources; raise :class:`PreflightError` on the first problem."""
     from actors.engines import resolve_engine_kind
     from imm_ray.loop import ModelRef
@@ -190,7 +195,10 @@ def prepare_run(config: ExperimentConfig) -> PreparedRun:
         teacher_path = resolve_model("model.teacher", cfg.model.resolved_teacher(), cfg.model.trust_remote_code)
         teacher = ModelRef(teacher_path, model_fingerprint(teacher_path))
     seed = cfg.experiment.seed
-    train = _load("data.train_set", data.train_set, data.train_split, data.data_dir, data.train_limit, seed, data.train_path)
+    train = (
+        _load("data.train_set", data.train_set, data.train_split, data.data_dir, data.train_limit, seed, data.train_path)
+        if with_training_data else []
+    )
     eval_sets = {
         name: _load("data.eval_sets", name, data.eval_split, data.data_dir, data.eval_limit, seed)
         for name in data.eval_sets
@@ -200,7 +208,7 @@ def prepare_run(config: ExperimentConfig) -> PreparedRun:
         engine_kind = resolve_engine_kind(cfg.generation.engine)
     except RuntimeError as error:
         raise PreflightError(f"generation.engine: {error}") from None
-    train_prompts = _prompts(cfg, data.train_set, train)
+    train_prompts = _prompts(cfg, data.train_set, train) if train else []
     eval_prompts = {name: _prompts(cfg, name, probs) for name, probs in eval_sets.items()}
     return PreparedRun(
         config=cfg, base=base, teacher=teacher,

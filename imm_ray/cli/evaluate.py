@@ -1,1 +1,94 @@
-"""imm-ray evaluate (to be written)."""
+"""``imm-ray eval``: pass@k of one model on any registered data sets, through the loop's Ray Data engine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from imm_ray.cli.app import app
+from imm_ray.cli.errors import user_errors
+
+
+def _split_list(text: str, what: str) -> list[str]:
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise typer.BadParameter(f"give at least one {what}")
+    return items
+
+
+@app.command("eval")
+def evaluate(
+    model: Path = typer.Option(..., "--model", help="HF model folder (safetensors)."),
+    sets: str = typer.Option(..., "--sets", help="Comma-separated data sets, e.g. gsm8k,mawps,svamp."),
+    data_dir: Path | None = typer.Option(None, "--data-dir", help="Folder holding <set>/<split>.jsonl files."),
+    split: str = typer.Option("test", "--split"),
+    samples: int = typer.Option(4, "--samples", min=1, help="Samples per question (M)."),
+    k: str = typer.Option("1,4", "--k", help="Comma-separated k values for pass@k (each <= samples)."),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="First N questions of each set."),
+    temperature: float = typer.Option(0.6, "--temperature", min=0.0),
+    max_new_tokens: int = typer.Option(512, "--max-new-tokens", min=1),
+    num_shots: int = typer.Option(0, "--num-shots", min=0, help="Few-shot exemplars in the prompt (paper: 10)."),
+    engine: str = typer.Option("auto", "--engine", help="auto | transformers | vllm"),
+    actors: int = typer.Option(1, "--actors", min=1, help="Generation actors in the pool."),
+    seed: int = typer.Option(0, "--seed"),
+    out: Path = typer.Option(Path("eval_out"), "--out", help="Folder for per-set JSON, metrics.csv and metrics.md."),
+) -> None:
+    """Sample answers, grade them, and report pass@k per set (JSON per set, a CSV and a markdown table)."""
+    from actors.cluster import ray_session
+
+    console = Console()
+    ks = [int(x) for x in _split_list(k, "k")]
+    names = _split_list(sets, "data set")
+    with user_errors():
+        config = _config(model, names, data_dir, split, samples, ks, limit, temperature, max_new_tokens,
+                         num_shots, engine, actors, seed)
+        with ray_session():
+            metrics = _run(config, out)
+    console.print(_markdown(metrics))
+    console.print(f"written to {out}")
+
+
+def _config(model, names, data_dir, split, samples, ks, limit, temperature, max_new_tokens, num_shots, engine,
+            actors, seed):
+    """The eval options as the same typed config the loop uses, so validation and errors are the same."""
+    from imm_ray.config import validate
+
+    return validate({
+        "experiment": {"seed": seed, "strategies": ["vanilla"]},
+        "model": {"path": str(model)},
+        "data": {"train_set": names[0], "eval_sets": names, "eval_split": split, "eval_limit": limit,
+                 "data_dir": str(data_dir) if data_dir else None, "num_shots": num_shots},
+        "generation": {"engine": engine, "max_new_tokens": max_new_tokens},
+        "eval": {"samples": samples, "k": ks, "temperature": temperature},
+        "resources": {"generation_actors": actors},
+    }, "eval options")
+
+
+def _run(config, out: Path):
+    import json
+
+    from actors.evaluation import evaluate_model
+    from imm_ray.preflight import prepare_eval
+
+    prepared = prepare_eval(config)
+    samples, metrics = evaluate_model(
+        prepared.eval_sets, prepared.eval_prompts, prepared.engine_spec(prepared.base.path), prepared.eval_plan(),
+        prepared.generation_pool, config.eval.k,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    samples.to_parquet(out / "samples.parquet", index=False)
+    metrics.to_csv(out / "metrics.csv", index=False)
+    for record in metrics.to_dict(orient="records"):
+        (out / f"{record['set']}.json").write_text(json.dumps({**record, "model": str(config.model.path)}, indent=2))
+    (out / "metrics.md").write_text(_markdown(metrics))
+    return metrics
+
+
+def _markdown(metrics) -> str:
+    columns = list(metrics.columns)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    for _, row in metrics.iterrows():
+        lines.append("| " + " | ".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row) + " |")
+    return "\n".join(lines) + "\n"
