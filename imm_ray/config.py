@@ -62,7 +62,7 @@ class DataSection(_Section):
     train_split: str = "train"
     train_path: str | None = None  # a local file instead of the registry's default source
     train_limit: int | None = Field(300, ge=1)
-    eval_sets: tuple[str, ...] = ("toy_id", "toy_ood_words", "toy_ood_distractor")
+    eval_sets: tuple[str, ...] = ("toy_id", "toy_ood_compare", "toy_ood_distractor")
     eval_split: str = "test"
     eval_limit: int | None = Field(64, ge=1)
     data_dir: str | None = None
@@ -144,6 +144,44 @@ class ResourcesSection(_Section):
     sft_max_failures: int = Field(0, ge=-1)
 
 
+class SweepSection(_Section):
+    """Ray Tune search space over the merge α, the DARE drop rate and the number of iterations.
+
+    ``grid``: every combination of the listed values. ``random``: ``num_samples`` trials, α and drop rate drawn
+    uniformly between the smallest and largest listed value, iterations drawn from the list; seeded.
+    """
+
+    strategy: StrategyName = "imm"
+    search: Literal["grid", "random"] = "grid"
+    alpha: tuple[float, ...] = (0.5,)
+    drop_rate: tuple[float, ...] = (0.2,)
+    iterations: tuple[int, ...] = (1,)
+    num_samples: int = Field(1, ge=1)
+    max_concurrent_trials: int = Field(1, ge=1)
+    metric: str = "OOD mean"  # a data set name or "OOD mean"; the sweep's best trial maximises it
+
+    @field_validator("alpha")
+    @classmethod
+    def _alphas(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if not value or any(not 0 <= a <= 1 for a in value):
+            raise ValueError("alpha values must lie in [0, 1]")
+        return value
+
+    @field_validator("drop_rate")
+    @classmethod
+    def _drop_rates(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if not value or any(not 0 <= p < 1 for p in value):
+            raise ValueError("drop_rate values must lie in [0, 1)")
+        return value
+
+    @field_validator("iterations")
+    @classmethod
+    def _iterations(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if not value or any(t < 1 for t in value):
+            raise ValueError("iterations values must be >= 1")
+        return value
+
+
 class ExperimentConfig(_Section):
     experiment: ExperimentSection = ExperimentSection()
     model: ModelSection = ModelSection()
@@ -153,6 +191,7 @@ class ExperimentConfig(_Section):
     merge: MergeSection = MergeSection()
     eval: EvalSection = EvalSection()
     resources: ResourcesSection = ResourcesSection()
+    sweep: SweepSection = SweepSection()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> ExperimentConfig:

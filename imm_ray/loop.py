@@ -73,11 +73,20 @@ def _timing_note(seconds: float) -> str:
 class IterationLoop:
     """Runs every configured strategy for ``experiment.iterations`` iterations over one stage cache."""
 
-    def __init__(self, config: ExperimentConfig, console: Console | None = None) -> None:
+    def __init__(
+        self,
+        config: ExperimentConfig,
+        console: Console | None = None,
+        *,
+        run_dir: Path | None = None,
+        stage_cache: Path | None = None,
+    ) -> None:
+        """``run_dir`` defaults to ``output_dir/name``; a sweep trial gets its own run_dir and the sweep's
+        shared ``stage_cache``, so stages equal across trials are computed once."""
         self.config = config
         self.console = console or Console()
-        self.run_dir = config.run_dir
-        self.store = StageStore(self.run_dir)
+        self.run_dir = Path(run_dir) if run_dir is not None else config.run_dir
+        self.store = StageStore(self.run_dir, stage_cache)
         self.prepared: PreparedRun | None = None
 
     # ---- the loop ---------------------------------------------------------------------------------------

@@ -75,9 +75,10 @@ def _write_json_atomically(path: Path, payload: Mapping[str, Any]) -> None:
 class StageStore:
     """The content-addressed stage cache of one run folder."""
 
-    def __init__(self, run_dir: str | Path) -> None:
+    def __init__(self, run_dir: str | Path, cache_dir: str | Path | None = None) -> None:
+        """``cache_dir`` defaults to ``<run_dir>/_stages``; sweep trials pass the sweep's shared one."""
         self.run_dir = Path(run_dir)
-        self.cache_dir = self.run_dir / "_stages"
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else self.run_dir / "_stages"
         self.cache_dir.mkdir(parents=True, exist_ok=True)
 
     def folder(self, kind: str, stage_fingerprint: str) -> Path:
