@@ -1,0 +1,120 @@
+"""The merge actor pool: Ray actors share the merge of one model pair, balanced by bytes.
+
+The driver (the caller of :func:`merge_models`) validates the inputs, plans the output shards and writes their
+headers into a temporary folder next to ``--out``; each actor, holding the plan, takes batches of tensor element
+ranges, merges them chunk by chunk and writes the bytes in place (``imm_ray.merge.engine``). The driver then writes
+``model.safetensors.index.json``, copies config and tokenizer files, writes the merge record and renames the folder
+to ``--out``. Any error removes the temporary folder and leaves an existing ``--out`` untouched. Across nodes the
+actors need the inputs and ``--out`` on storage they all share (the same paths).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import deque
+from collections.abc import Callable
+
+import ray
+import torch
+
+from imm_ray.merge import engine
+from imm_ray.merge.errors import MergeError
+from imm_ray.merge.options import MergeOptions
+from imm_ray.merge.record import MergeRecord
+from imm_ray.merge.tensors import (
+    INDEX_NAME,
+    OUTPUT_DTYPES,
+    check_output,
+    copy_aux_files,
+    create_shards,
+    staged_folder,
+)
+
+IN_FLIGHT_PER_WORKER = 2  # a second batch queued per actor hides the round trip to the driver
+
+
+@ray.remote(num_cpus=1)
+class MergeWorker:
+    """One merge worker: a single torch thread per CPU it holds, the plan received once."""
+
+    def __init__(self, plan: engine.MergePlan) -> None:
+        torch.set_num_threads(1)
+        self._plan = plan
+
+    def run(self, batch: tuple[engine.WorkUnit, ...]) -> int:
+        return engine.run_batch(self._plan, batch)
+
+
+def merge_models(options: MergeOptions) -> MergeRecord:
+    """Merge as ``options`` say and return the record; the finished HF model folder is at ``options.out``.
+
+    Reuses a running Ray (``ray.is_initialized()``), else starts one (``RAY_ADDRESS`` if set, else a local one).
+    Raises :class:`MergeError` for bad inputs, before any output exists.
+    """
+    started = time.perf_counter()
+    check_output(options.out, options.overwrite)
+    inputs = engine.open_inputs(options)
+    _ensure_ray()
+    with staged_folder(options.out, options.overwrite) as folder:
+        plan = engine.plan_merge(options, inputs, folder)
+        batches = engine.work_batches(plan)
+        workers, cpus = _pool_size(options.workers, len(batches))
+        pool = [MergeWorker.options(num_cpus=cpus).remote(plan) for _ in range(workers)]
+        try:
+            create_shards(plan.shards, folder)
+            fingerprints = _run(pool, batches, lambda: engine.input_fingerprints(inputs))
+        finally:
+            for actor in pool:
+                ray.kill(actor)
+        (folder / INDEX_NAME).write_text(json.dumps(plan.shards.index(), indent=2) + "\n")
+        copy_aux_files(inputs.base.root, folder, None if options.dtype == "auto" else OUTPUT_DTYPES[options.dtype])
+        record = engine.merge_record(options, inputs, plan, workers, fingerprints, time.perf_counter() - started)
+        record.write(folder)
+    return record
+
+
+def _ensure_ray() -> None:
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(include_dashboard=False)
+
+
+def _pool_size(requested: int | None, batches: int) -> tuple[int, float]:
+    """Actors and CPUs per actor: one CPU each, unless more actors were asked for than the cluster has CPUs,
+    in which case they share them (otherwise the extra actors would wait forever for a CPU)."""
+    total = ray.cluster_resources().get("CPU", 1.0)
+    workers = max(1, min(requested or int(total), batches))
+    return workers, min(1.0, total / workers)
+
+
+def _run(
+    pool: list[ray.actor.ActorHandle],
+    batches: list[tuple[engine.WorkUnit, ...]],
+    meanwhile: Callable[[], dict[str, str]],
+) -> dict[str, str]:
+    """Feed batches to the actors as they free up; run ``meanwhile`` on the driver while they work."""
+    queue = deque(batches)
+    pending = {}
+    for actor in pool:
+        for _ in range(IN_FLIGHT_PER_WORKER):
+            if queue:
+                pending[actor.run.remote(queue.popleft())] = actor
+    result = meanwhile()
+    while pending:
+        [done], _ = ray.wait(list(pending), num_returns=1)
+        actor = pending.pop(done)
+        try:
+            ray.get(done)
+        except ray.exceptions.RayTaskError as error:
+            if isinstance(error.cause, MergeError):
+                raise MergeError(str(error.cause.args[0]) if error.cause.args else str(error.cause)) from None
+            raise
+        if queue:
+            pending[actor.run.remote(queue.popleft())] = actor
+    return result
