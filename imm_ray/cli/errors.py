@@ -14,10 +14,16 @@ err_console = Console(stderr=True)
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
+    """The errors that mean "your input is wrong", each raised with a message naming the field or file."""
+    from imm_ray.analysis import AnalysisError
+    from imm_ray.data.registry import DataError
     from imm_ray.loop import NoCorrectSamplesError
+    from imm_ray.merge.errors import MergeError
     from imm_ray.preflight import PreflightError
+    from imm_ray.scoring import PredictionsError
 
-    return (ConfigError, PreflightError, NoCorrectSamplesError, FileNotFoundError, FileExistsError, ValueError)
+    return (ConfigError, PreflightError, NoCorrectSamplesError, DataError, MergeError, AnalysisError,
+            PredictionsError, FileExistsError)
 
 
 @contextlib.contextmanager

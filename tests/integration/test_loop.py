@@ -1,0 +1,131 @@
+"""One iteration of the real loop on the shipped toy model, then a run killed mid-SFT and resumed.
+
+Real pieces throughout: Ray Data generation actors, Ray Train + DeepSpeed SFT with 2 workers, the merge actor
+pool and evaluation, on the session's local 2-CPU Ray cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from safetensors.torch import load_file
+
+from imm_ray.config import load_config
+from imm_ray.loop import IterationLoop
+from imm_ray.stages import RECORD_NAME
+
+pytestmark = pytest.mark.integration
+
+SMALL = [
+    "experiment.iterations=1", "experiment.strategies=[imm, vanilla]",
+    "data.train_limit=24", "data.eval_limit=8", "generation.samples_per_question=2",
+    "generation.temperatures=[0.6]", "eval.samples=2", "eval.k=[1,2]", "sft.epochs=1",
+]
+
+
+def _overrides(output_dir: Path) -> list[str]:
+    return [*SMALL, f"experiment.output_dir={output_dir}", "experiment.name=it"]
+
+
+def _stage_folders(run_dir: Path, kind: str) -> list[Path]:
+    return sorted(p for p in (run_dir / "_stages").glob(f"{kind}-*") if p.is_dir())
+
+
+def _records(run_dir: Path) -> dict[str, dict]:
+    return {p.name: json.loads((p / RECORD_NAME).read_text()) for p in (run_dir / "_stages").iterdir()
+            if (p / RECORD_NAME).is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished_run(ray_cluster, tmp_path_factory) -> Path:
+    config = load_config(Path("configs/toy.yaml"), _overrides(tmp_path_factory.mktemp("loop")))
+    result = IterationLoop(config).run()
+    return result.run_dir
+
+
+def test_one_iteration_runs_every_stage_once(finished_run):
+    run_dir = finished_run
+    assert len(_stage_folders(run_dir, "generate")) == 1  # iteration 0 is shared by IMM and vanilla
+    assert len(_stage_folders(run_dir, "sft")) == 1
+    assert len(_stage_folders(run_dir, "merge")) == 1
+    assert len(_stage_folders(run_dir, "eval")) == 3  # base, SFT_0, Merge_0
+    for strategy in ("imm", "vanilla"):
+        assert (run_dir / strategy / "iter_0" / "generate").resolve() == _stage_folders(run_dir, "generate")[0]
+    samples = pd.read_parquet(run_dir / "imm" / "iter_0" / "generate" / "samples.parquet")
+    assert len(samples) == 24 * 2 and samples["correct"].any()
+    pairs = pd.read_parquet(run_dir / "imm" / "iter_0" / "sft_data" / "pairs.parquet")
+    assert len(pairs) <= samples["correct"].sum()
+    assert json.loads((run_dir / "imm" / "iter_0" / "sft" / "training_log.json").read_text())["world_size"] == 2
+    report = (run_dir / "report.md").read_text()
+    assert "IMM · Merge_0" in report and "STaR (vanilla) · SFT_0" in report and "weight of the ORIGINAL base" in report
+    assert (run_dir / "accuracy_over_iterations.png").stat().st_size > 5000
+
+
+def test_merged_model_is_alpha_between_base_and_sft(finished_run):
+    """With p = 0.2 the merge is not a plain average, but every merged entry lies within the DARE envelope."""
+    merged = load_file(finished_run / "imm" / "iter_0" / "merge" / "model.safetensors")
+    base_dir = Path(load_config(Path("configs/toy.yaml")).model.resolved_path())
+    base = load_file(base_dir / "model.safetensors")
+    sft = load_file(finished_run / "imm" / "iter_0" / "sft" / "model.safetensors")
+    name = next(n for n in merged if n.endswith("mlp.down_proj.weight"))
+    delta = sft[name] - base[name]
+    kept = 0.5 * base[name] + 0.5 * (base[name] + delta / 0.8)
+    dropped = base[name]
+    ok = (merged[name] - kept).abs().lt(1e-5) | (merged[name] - dropped).abs().lt(1e-6)
+    assert ok.all()
+
+
+def test_rerun_reuses_every_stage(finished_run):
+    before = _records(finished_run)
+    config = load_config(finished_run / "config.yaml")
+    IterationLoop(config, run_dir=finished_run).run()
+    assert _records(finished_run) == before
+
+
+def test_killed_mid_sft_resumes_to_the_same_results(finished_run, ray_cluster, tmp_path):
+    """Kill the whole `imm-ray run` process while SFT trains, run it again: it finishes, the finished generation
+    stage is not redone, and the results equal the uninterrupted run's."""
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    command = [sys.executable, "-m", "imm_ray", "run", "configs/toy.yaml",
+               *[f"--set={o}" for o in _overrides(tmp_path)]]
+    run_dir = tmp_path / "it"
+    process = subprocess.Popen(command, env=env, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(lambda: list((run_dir / "_ray_train").glob("sft-*")) if (run_dir / "_ray_train").exists() else [],
+                  process, timeout=400)
+        time.sleep(3)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert not _stage_folders(run_dir, "sft"), "SFT must not be complete when the run was killed"
+    generate_before = _records(run_dir)[_stage_folders(run_dir, "generate")[0].name]
+
+    subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL, timeout=900)
+
+    assert _records(run_dir)[_stage_folders(run_dir, "generate")[0].name] == generate_before
+    assert not list((run_dir / "_stages").glob(".*.tmp-*"))
+    for folder in ("base/eval", "imm/iter_0/eval_sft", "imm/iter_0/eval_merge"):
+        assert (run_dir / folder / "metrics.csv").read_text() == (finished_run / folder / "metrics.csv").read_text()
+    resumed = load_file(run_dir / "imm" / "iter_0" / "merge" / "model.safetensors")
+    reference = load_file(finished_run / "imm" / "iter_0" / "merge" / "model.safetensors")
+    assert all((resumed[name] == reference[name]).all() for name in reference)
+
+
+def _wait_for(condition, process: subprocess.Popen, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return
+        if process.poll() is not None:
+            pytest.fail(f"the run ended (exit {process.returncode}) before SFT started")
+        time.sleep(0.5)
+    pytest.fail("SFT did not start in time")
