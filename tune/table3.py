@@ -179,7 +179,8 @@ def _plot_set(axis, done: Sequence[TrialOutcome], name: str, ylabel: str) -> Non
     axis.set_xlabel("α")
     axis.set_ylabel(ylabel)
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=7)
+    if done:
+        axis.legend(fontsize=7)
 
 
 @dataclass(frozen=True)
