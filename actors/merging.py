@@ -17,9 +17,8 @@ from collections import deque
 from collections.abc import Callable
 
 import ray
-import torch
 
-from imm_ray.merge import engine
+from imm_ray.merge import plan as planning
 from imm_ray.merge.errors import MergeError
 from imm_ray.merge.options import MergeOptions
 from imm_ray.merge.record import MergeRecord
@@ -37,14 +36,23 @@ IN_FLIGHT_PER_WORKER = 2  # a second batch queued per actor hides the round trip
 
 @ray.remote(num_cpus=1)
 class MergeWorker:
-    """One merge worker: a single torch thread per CPU it holds, the plan received once."""
+    """One merge worker: a single torch thread per CPU it holds, the plan received once.
 
-    def __init__(self, plan: engine.MergePlan) -> None:
+    torch is imported here, in the worker, and not at module level: the driver plans from headers alone and never
+    needs it (it would cost the driver a second or more and a few hundred MiB).
+    """
+
+    def __init__(self, plan: planning.MergePlan) -> None:
+        import torch
+
+        from imm_ray.merge import engine
+
         torch.set_num_threads(1)
         self._plan = plan
+        self._run_batch = engine.run_batch
 
-    def run(self, batch: tuple[engine.WorkUnit, ...]) -> int:
-        return engine.run_batch(self._plan, batch)
+    def run(self, batch: tuple[planning.WorkUnit, ...]) -> int:
+        return self._run_batch(self._plan, batch)
 
 
 def merge_models(options: MergeOptions) -> MergeRecord:
@@ -55,22 +63,22 @@ def merge_models(options: MergeOptions) -> MergeRecord:
     """
     started = time.perf_counter()
     check_output(options.out, options.overwrite)
-    inputs = engine.open_inputs(options)
+    inputs = planning.open_inputs(options)
     _ensure_ray()
     with staged_folder(options.out, options.overwrite) as folder:
-        plan = engine.plan_merge(options, inputs, folder)
-        batches = engine.work_batches(plan)
+        plan = planning.plan_merge(options, inputs, folder)
+        batches = planning.work_batches(plan)
         workers, cpus = _pool_size(options.workers, len(batches))
         pool = [MergeWorker.options(num_cpus=cpus).remote(plan) for _ in range(workers)]
         try:
             create_shards(plan.shards, folder)
-            fingerprints = _run(pool, batches, lambda: engine.input_fingerprints(inputs))
+            fingerprints = _run(pool, batches, lambda: planning.input_fingerprints(inputs))
         finally:
             for actor in pool:
                 ray.kill(actor)
         (folder / INDEX_NAME).write_text(json.dumps(plan.shards.index(), indent=2) + "\n")
         copy_aux_files(inputs.base.root, folder, None if options.dtype == "auto" else OUTPUT_DTYPES[options.dtype])
-        record = engine.merge_record(options, inputs, plan, workers, fingerprints, time.perf_counter() - started)
+        record = planning.merge_record(options, inputs, plan, workers, fingerprints, time.perf_counter() - started)
         record.write(folder)
     return record
 
@@ -95,7 +103,7 @@ def _pool_size(requested: int | None, batches: int) -> tuple[int, float]:
 
 def _run(
     pool: list[ray.actor.ActorHandle],
-    batches: list[tuple[engine.WorkUnit, ...]],
+    batches: list[tuple[planning.WorkUnit, ...]],
     meanwhile: Callable[[], dict[str, str]],
 ) -> dict[str, str]:
     """Feed batches to the actors as they free up; run ``meanwhile`` on the driver while they work."""

@@ -10,7 +10,8 @@ scale N·I_n/Σ_m I_m (1 for every other method and for tensors outside ``model.
 the model that was fine-tuned (the base itself at iteration 0).
 
 All functions work on flat float32 chunks of one tensor and use only elementwise torch operations, so a chunk's
-result does not depend on how the tensor was cut into chunks.
+result does not depend on how the tensor was cut into chunks. They call tensor methods only, so this module does not
+import torch: the driver, which checks options against this registry, never loads it; the workers do.
 """
 
 from __future__ import annotations
@@ -21,15 +22,17 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
-from torch import Tensor
+import numpy as np
 
 from imm_ray.merge.errors import MergeError
 
+if TYPE_CHECKING:
+    from torch import Tensor
+
 Sparsify = Literal["none", "dare", "magnitude"]
-Combine = Callable[[Sequence[Tensor]], Tensor]
+Combine = Callable[[Sequence["Tensor"]], "Tensor"]
 LAYER_INDEX = re.compile(r"^model\.layers\.(\d+)\.")
 
 
@@ -76,8 +79,8 @@ def sign_elected_mean(deltas: Sequence[Tensor]) -> Tensor:
     entry never depends on the chunk it was computed in.
     """
     elected = total(deltas).sign_()
-    summed = torch.zeros_like(elected)
-    count = torch.zeros_like(elected)
+    summed = elected.new_zeros(elected.shape)
+    count = elected.new_zeros(elected.shape)
     for delta in deltas:
         agrees = (delta.sign() == elected).logical_and_(delta != 0).to(delta.dtype)
         summed.add_(delta * agrees)
@@ -170,27 +173,26 @@ def magnitude_floor(chunks: Callable[[], Iterable[Tensor]], drop_rate: float, nu
         return None
     if keep_count <= 0:
         return math.inf
-    high = torch.zeros(1 << 15, dtype=torch.int64)
+    high = np.zeros(1 << 15, dtype=np.int64)
     for chunk in chunks():
-        high += torch.bincount(_magnitude_bits(chunk) >> 16, minlength=1 << 15)
+        high += np.bincount(_magnitude_bits(chunk) >> 16, minlength=1 << 15)
     bucket, rank = _select_from_top(high, keep_count)
-    low = torch.zeros(1 << 16, dtype=torch.int64)
+    low = np.zeros(1 << 16, dtype=np.int64)
     for chunk in chunks():
         bits = _magnitude_bits(chunk)
-        low += torch.bincount(bits[(bits >> 16) == bucket] & 0xFFFF, minlength=1 << 16)
+        low += np.bincount(bits[(bits >> 16) == bucket] & 0xFFFF, minlength=1 << 16)
     offset, _ = _select_from_top(low, rank)
-    pattern = torch.tensor([(bucket << 16) | offset], dtype=torch.int32)
-    return float(pattern.view(torch.float32))
+    return float(np.array([(bucket << 16) | offset], dtype=np.uint32).view(np.float32)[0])
 
 
-def _magnitude_bits(chunk: Tensor) -> Tensor:
-    return chunk.abs().view(torch.int32).to(torch.int64)
+def _magnitude_bits(chunk: Tensor) -> np.ndarray:
+    return chunk.abs().numpy().view(np.uint32)
 
 
-def _select_from_top(histogram: Tensor, rank: int) -> tuple[int, int]:
+def _select_from_top(histogram: np.ndarray, rank: int) -> tuple[int, int]:
     """The bin holding the ``rank``-th largest value (1-based), and that value's rank inside the bin."""
-    from_top = histogram.flip(0).cumsum(0)
-    position = int(torch.searchsorted(from_top, rank))
+    from_top = np.cumsum(histogram[::-1])
+    position = int(np.searchsorted(from_top, rank))
     above = int(from_top[position - 1]) if position else 0
     return len(histogram) - 1 - position, rank - above
 

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from imm_ray.merge.errors import MergeError, PickleCheckpointError
 
@@ -42,11 +41,7 @@ AUX_FILES = (
     "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "chat_template.jinja",
     "chat_template.json",
 )
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
+ITEMSIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
 OUTPUT_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 CONFIG_DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
@@ -69,7 +64,7 @@ class TensorInfo:
 
     @property
     def itemsize(self) -> int:
-        return DTYPES[self.dtype].itemsize
+        return ITEMSIZES[self.dtype]
 
     @property
     def is_float(self) -> bool:
@@ -122,7 +117,7 @@ def _tensor_info(path: Path, data_start: int, name: str, entry: object) -> Tenso
             raise ValueError
     except (KeyError, TypeError, ValueError):
         raise MergeError(f"{path}: corrupt safetensors header entry for tensor {name!r}") from None
-    if dtype not in DTYPES:
+    if dtype not in ITEMSIZES:
         raise MergeError(f"{path}: tensor {name!r} has dtype {dtype}, which the merge does not support")
     info = TensorInfo(name, dtype, shape, path, data_start + begin, end - begin)
     if info.nbytes != info.numel * info.itemsize or begin < 0:
@@ -271,11 +266,10 @@ class ChunkReader:
             raise MergeError(f"{file}: truncated while reading ({got} of {count} bytes at offset {offset})")
         return buffer
 
-    def read(self, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
-        """Elements ``start .. stop-1`` of the flattened tensor, in its stored dtype."""
+    def read(self, info: TensorInfo, start: int, stop: int) -> np.ndarray:
+        """The raw bytes of elements ``start .. stop-1`` of the flattened tensor."""
         size = info.itemsize
-        data = self.read_bytes(info.file, info.offset + start * size, (stop - start) * size)
-        return torch.from_numpy(data).view(DTYPES[info.dtype])
+        return self.read_bytes(info.file, info.offset + start * size, (stop - start) * size)
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -301,7 +295,7 @@ class OutputTensor:
 
     @property
     def itemsize(self) -> int:
-        return DTYPES[self.dtype].itemsize
+        return ITEMSIZES[self.dtype]
 
     @property
     def numel(self) -> int:
@@ -340,7 +334,7 @@ def plan_shards(
     groups: list[list[tuple[str, str, tuple[int, ...]]]] = [[]]
     used = 0
     for entry in tensors:
-        nbytes = int(np.prod(entry[2], dtype=np.int64)) * DTYPES[entry[1]].itemsize
+        nbytes = int(np.prod(entry[2], dtype=np.int64)) * ITEMSIZES[entry[1]]
         if groups[-1] and used + nbytes > max_shard_bytes:
             groups.append([])
             used = 0
@@ -357,11 +351,11 @@ def plan_shards(
 
 
 def _layout_shard(file: str, group: list[tuple[str, str, tuple[int, ...]]]) -> tuple[OutputShard, dict]:
-    ordered = sorted(group, key=lambda entry: -DTYPES[entry[1]].itemsize)  # stable: keeps storage order
+    ordered = sorted(group, key=lambda entry: -ITEMSIZES[entry[1]])  # stable: keeps storage order
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     position = 0
     for name, dtype, shape in ordered:
-        nbytes = int(np.prod(shape, dtype=np.int64)) * DTYPES[dtype].itemsize
+        nbytes = int(np.prod(shape, dtype=np.int64)) * ITEMSIZES[dtype]
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [position, position + nbytes]}
         position += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -389,11 +383,11 @@ class ShardWriter:
         self._folder = folder
         self._fds: dict[str, int] = {}
 
-    def write(self, tensor: OutputTensor, start: int, values: torch.Tensor) -> None:
+    def write(self, tensor: OutputTensor, start: int, data: np.ndarray) -> None:
+        """Write the raw bytes ``data`` of elements from ``start`` on."""
         fd = self._fds.get(tensor.file)
         if fd is None:
             fd = self._fds[tensor.file] = os.open(self._folder / tensor.file, os.O_WRONLY)
-        data = values.contiguous().view(torch.uint8).numpy()
         written = os.pwrite(fd, data, tensor.offset + start * tensor.itemsize)
         if written != len(data):
             raise MergeError(f"{self._folder / tensor.file}: short write ({written} of {len(data)} bytes)")

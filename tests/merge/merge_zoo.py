@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from imm_ray.merge import engine
+from imm_ray.merge import engine, plan
 from imm_ray.merge.options import MergeOptions
 from imm_ray.merge.tensors import create_shards
 
@@ -97,13 +97,13 @@ def file_bytes(folder: Path) -> dict[str, bytes]:
 
 def merge_in_process(options: MergeOptions, unit_elements: int | None = None, reverse: bool = False) -> Path:
     """The engine without Ray: plan, write headers, run every batch here (in reverse order if asked)."""
-    inputs = engine.open_inputs(options)
+    inputs = plan.open_inputs(options)
     options.out.mkdir(parents=True)
-    plan = engine.plan_merge(options, inputs, options.out)
-    create_shards(plan.shards, options.out)
-    batches = engine.work_batches(plan, unit_elements)
+    merge_plan = plan.plan_merge(options, inputs, options.out)
+    create_shards(merge_plan.shards, options.out)
+    batches = plan.work_batches(merge_plan, unit_elements)
     for batch in reversed(batches) if reverse else batches:
-        engine.run_batch(plan, batch)
+        engine.run_batch(merge_plan, batch)
     return options.out
 
 
