@@ -31,6 +31,11 @@ class TrialParams:
         return cls(float(config["alpha"]), float(config["drop_rate"]), int(config["iterations"]))
 
     @property
+    def sort_key(self) -> tuple[int, float, float]:
+        """Table order: by iteration count, then drop rate, then α."""
+        return (self.iterations, self.drop_rate, self.alpha)
+
+    @property
     def label(self) -> str:
         """A short, file-name-safe name; four decimals tell random-search draws apart."""
         return f"a{self.alpha:.4g}_p{self.drop_rate:.4g}_T{self.iterations}"

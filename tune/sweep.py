@@ -95,7 +95,7 @@ def run_sweep(config: ExperimentConfig, console: Console | None = None, *, fresh
     with ray_session():
         grid = make_tuner(config, paths, restore=restore).fit()
     seconds = time.time() - started
-    outcomes = tuple(outcome_of(result, config) for result in grid)
+    outcomes = tuple(sorted((outcome_of(result, config) for result in grid), key=lambda o: o.params.sort_key))
     accounting = account_stages(paths)
     table, files = write_table3(
         paths.root, outcomes, report_sets(config), metric=config.sweep.metric,
@@ -110,6 +110,7 @@ def prepare_folder(config: ExperimentConfig, paths: SweepPaths, *, fresh: bool, 
     ``fresh`` moves an earlier experiment aside. A resume must have the config the sweep started with."""
     from ray import tune
 
+    check_metric(config)
     if fresh and paths.tune.exists():
         aside = paths.root / f"tune.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
         paths.tune.rename(aside)
@@ -205,6 +206,14 @@ def error_line(error: BaseException) -> str:
         text = text.splitlines()[-1] if text else text
     first = text.splitlines()[0] if text else ""
     return f"{type(error).__name__}: {first}" if first else type(error).__name__
+
+
+def check_metric(config: ExperimentConfig) -> None:
+    """Tune stops a trial whose result lacks the metric it optimises, so a metric no trial reports is a config
+    error, found before any trial runs."""
+    if config.sweep.metric not in report_sets(config):
+        raise ConfigError(f"sweep.metric: {config.sweep.metric!r} is not reported; choose one of "
+                          f"{', '.join(report_sets(config))}")
 
 
 def report_sets(config: ExperimentConfig) -> list[str]:

@@ -40,6 +40,11 @@ class TrialOutcome:
     def ok(self) -> bool:
         return self.error is None and bool(self.final)
 
+    @property
+    def status(self) -> str:
+        """done, failed (it raised), or unfinished (an interrupted sweep: rerunning the command resumes it)."""
+        return "done" if self.ok else "failed" if self.error else "unfinished"
+
     @classmethod
     def from_metrics(cls, params: TrialParams, metrics: Mapping[str, object], sets: Sequence[str],
                      error: str | None = None, run_dir: str | None = None) -> TrialOutcome:
@@ -97,7 +102,7 @@ def column_labels(outcomes: Sequence[TrialOutcome]) -> dict[TrialParams, str]:
 def table3(outcomes: Sequence[TrialOutcome], sets: Sequence[str]) -> pd.DataFrame:
     """Rows: the sets (ID first, then OOD, then the OOD mean); columns: Base, each finished trial's merged model
     in order of (iterations, drop rate, α), then SFT (one column per distinct SFT model)."""
-    done = sorted((o for o in outcomes if o.ok), key=lambda o: (o.params.iterations, o.params.drop_rate, o.params.alpha))
+    done = sorted((o for o in outcomes if o.ok), key=lambda o: o.params.sort_key)
     if not done:
         return pd.DataFrame(index=pd.Index(list(sets), name="set"))
     labels = column_labels(done)
@@ -130,7 +135,7 @@ def trials_frame(outcomes: Sequence[TrialOutcome], metric: str) -> pd.DataFrame:
     """Every trial with its point, status, the sweep metric and its error (if any)."""
     return pd.DataFrame([
         {"trial": o.params.label, "alpha": o.params.alpha, "drop_rate": o.params.drop_rate,
-         "iterations": o.params.iterations, "status": "done" if o.ok else "failed",
+         "iterations": o.params.iterations, "status": o.status,
          metric: o.final.get(metric, math.nan), "error": o.error or "", "run_dir": o.run_dir or ""}
         for o in outcomes
     ])
@@ -215,9 +220,14 @@ def _markdown(table: pd.DataFrame, outcomes: Sequence[TrialOutcome], metric: str
     best = best_trial(outcomes, metric)
     if best is not None:
         sections.append(f"Best trial by `{metric}`: {best.params.label} ({best.final[metric]:.1f}).\n")
-    failed = [o for o in outcomes if not o.ok]
+    failed = [o for o in outcomes if o.status == "failed"]
     if failed:
         sections.append("## Failed trials\n")
-        sections.extend(f"- {o.params.label}: {o.error or 'reported no metrics'}" for o in failed)
+        sections.extend(f"- {o.params.label}: {o.error}" for o in failed)
+        sections.append("")
+    unfinished = [o for o in outcomes if o.status == "unfinished"]
+    if unfinished:
+        sections.append("## Unfinished trials (run the same command again to resume them)\n")
+        sections.extend(f"- {o.params.label}" for o in unfinished)
         sections.append("")
     return "\n".join(sections)

@@ -36,7 +36,8 @@ def sweep(
     console.print(ALPHA_CONVENTION, style="dim", markup=False)
     failed = [o for o in result.outcomes if not o.ok]
     for outcome in failed:
-        console.print(f"[red]trial {outcome.params.label}: {outcome.error or 'unfinished (rerun to resume)'}[/]")
+        why = outcome.error if outcome.status == "failed" else "unfinished; run the same command again to resume"
+        console.print(f"trial {outcome.params.label}: {why}", style="red", markup=False)
     acc = result.accounting
     console.print(
         f"Table 3: {result.files.markdown}   wall time {result.seconds:.0f} s; stage work {acc.computed_seconds:.0f} s "
