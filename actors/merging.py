@@ -120,8 +120,8 @@ def _run(
         try:
             ray.get(done)
         except ray.exceptions.RayTaskError as error:
-            if isinstance(error.cause, MergeError):
-                raise MergeError(str(error.cause.args[0]) if error.cause.args else str(error.cause)) from None
+            if isinstance(error.cause, MergeError):  # a user error found by a worker: its message, no Ray trace
+                raise error.cause from None
             raise
         if queue:
             pending[actor.run.remote(queue.popleft())] = actor
