@@ -1,10 +1,26 @@
 import json
+import math
+import os
+from pathlib import Path
 
 import pandas as pd
+import pytest
 import torch
 from safetensors.torch import load_file
 
-from actors.training import IGNORE_INDEX, SFTJob, deepspeed_config, run_sft, tokenize_pair
+from actors.training import (
+    IGNORE_INDEX,
+    PROGRESS_FILE,
+    Progress,
+    SFTJob,
+    deepspeed_config,
+    epoch_batches,
+    optimizer_steps,
+    run_sft,
+    storage_uri,
+    tokenize_pair,
+)
+from imm_ray.config import SFTSection
 from tiny_model import build_tokenizer
 
 
@@ -26,16 +42,91 @@ def test_deepspeed_config_has_no_optimizer_section():
     assert config["zero_optimization"]["stage"] == 3
 
 
+def _sft_job(**fields) -> SFTJob:
+    return SFTJob(**({"model_path": "m", "data_path": "d", "output_dir": "o", "storage_path": "s"} | fields))
+
+
+def test_the_paper_settings_make_the_checked_in_zero3_json():
+    """configs/deepspeed/zero3.json is what the code builds for the config's default (paper) SFT settings."""
+    paper = SFTSection()
+    job = _sft_job(**paper.model_dump(exclude={"mixture_share"}))
+    expected = json.loads((Path(__file__).parents[2] / "configs" / "deepspeed" / "zero3.json").read_text())
+    assert deepspeed_config(job) == expected
+    assert (paper.epochs, paper.per_device_batch_size, paper.gradient_accumulation_steps) == (3, 4, 4)
+    assert (paper.learning_rate, paper.warmup_ratio, paper.lr_scheduler) == (2e-5, 0.03, "cosine")
+
+
+def test_job_errors_name_the_field():
+    with pytest.raises(ValueError, match=r"min_workers \(5\) must not exceed num_workers \(4\)"):
+        _sft_job(min_workers=5, num_workers=4)
+    with pytest.raises(ValueError, match="checkpoints with bf16 need zero_stage >= 1"):
+        _sft_job(zero_stage=0, precision="bf16")
+    assert _sft_job(zero_stage=0, precision="bf16", checkpoints=False).zero_stage == 0
+    with pytest.raises(ValueError, match=r"fail_once_after_epoch \(3\) is past the last epoch \(2\)"):
+        _sft_job(epochs=2, fail_once_after_epoch=3)
+
+
+def test_storage_uri_keeps_urls_and_makes_local_paths_absolute():
+    assert storage_uri("s3://bucket/runs/x") == "s3://bucket/runs/x"
+    assert storage_uri("runs/x") == os.path.join(os.getcwd(), "runs/x")
+
+
+def test_epoch_order_matches_distributed_sampler_and_resumes_on_another_world_size():
+    from torch.utils.data import DistributedSampler
+
+    size, seed, epoch = 23, 5, 2
+    for rank in range(3):
+        sampler = DistributedSampler(range(size), num_replicas=3, rank=rank, shuffle=True, seed=seed)
+        sampler.set_epoch(epoch)
+        mine = epoch_batches(size, seed=seed, epoch=epoch, start=0, rank=rank, world=3, batch_size=2)
+        assert [i for batch in mine for i in batch] == list(sampler)
+    # Two workers take 2 micro-batches of 3 (12 positions), then 3 workers go on from position 12: every example
+    # is trained on exactly once, plus the padding that makes the rest a multiple of 3.
+    before = [i for r in range(2) for b in epoch_batches(size, seed=seed, epoch=epoch, start=0, rank=r, world=2,
+                                                         batch_size=3)[:2] for i in b]
+    after = [i for r in range(3) for b in epoch_batches(size, seed=seed, epoch=epoch, start=12, rank=r, world=3,
+                                                        batch_size=3) for i in b]
+    assert len(before) == 12 and len(after) == 12  # 11 left, padded with the epoch's first example
+    assert sorted(set(before + after)) == list(range(size))
+    assert set(before) & set(after) == {before[0]}
+
+
+def test_optimizer_steps_count_the_epoch_tail_and_a_resume():
+    job = _sft_job(epochs=3, per_device_batch_size=4, gradient_accumulation_steps=4)
+    # 100 examples on 2 workers: 50 each, 13 micro-batches, so 4 optimizer steps per epoch (the last takes one).
+    assert optimizer_steps(job, 100, 2, Progress()) == 12
+    # After 8 micro-batches of epoch 2 (64 positions) on 2 workers, 2 steps of it are done; 4 workers go on:
+    # 36 positions left, 9 each, 3 micro-batches, 1 step; then one more epoch of 25 each, 7 micro-batches, 2 steps.
+    resumed = Progress(epoch=1, consumed=64, optimizer_steps=6)
+    assert optimizer_steps(job, 100, 4, resumed) == 6 + 1 + 2
+    assert optimizer_steps(job, 100, 2, resumed) == 12  # on the same workers the schedule is unchanged
+
+
 def test_ray_train_deepspeed_sft_learns_the_response(ray_cluster, tiny_model, tmp_path):
+    """ZeRO-2, fp32, 2 workers, with a checkpoint every 2 optimizer steps kept for inspection."""
     data = tmp_path / "pairs.parquet"
     pd.DataFrame({"prompt": ["Instruction: 3 + 4?\nResponse: "] * 16, "response": ["3 + 4 = 7 The answer is 7"] * 16}
                  ).to_parquet(data)
     job = SFTJob(model_path=str(tiny_model), data_path=str(data), output_dir=str(tmp_path / "out"),
                  storage_path=str(tmp_path / "ray"), epochs=3, learning_rate=3e-3, per_device_batch_size=4,
-                 precision="fp32", zero_stage=2, num_workers=2)
+                 precision="fp32", zero_stage=2, num_workers=2, checkpoint_every_steps=1, keep_checkpoints=True)
     log = run_sft(job)
     losses = [epoch["loss"] for epoch in log["epochs"]]
     assert log["world_size"] == 2 and losses[-1] < losses[0]
+    assert log["optimizer_steps"] == 3 * math.ceil(16 / 2 / 4)
+
+    # Ray Train kept only the last checkpoint (the one at the end), merged from both ranks' files.
+    [checkpoint] = [p for p in (tmp_path / "ray" / job.name).iterdir() if p.is_dir()]
+    assert checkpoint.name == f"checkpoint_epoch003_step{log['optimizer_steps']:07d}"
+    assert sorted(p.name for p in checkpoint.glob("state-rank*")) == [
+        "state-rank00000-000.safetensors", "state-rank00001-000.safetensors"]
+    progress = Progress.model_validate_json((checkpoint / PROGRESS_FILE).read_text())
+    assert (progress.epoch, progress.consumed, progress.history) == (3, 0, log["epochs"])
+    state = {**load_file(checkpoint / "state-rank00000-000.safetensors"),
+             **load_file(checkpoint / "state-rank00001-000.safetensors")}
+    saved = load_file(tmp_path / "out" / "model.safetensors")
+    assert all(torch.equal(state[name], saved[name]) for name in saved)  # fp32 master = the consolidated model
+    assert state["model.norm.weight::exp_avg_sq"].abs().sum() > 0
     before = load_file(tiny_model / "model.safetensors")
     after = load_file(tmp_path / "out" / "model.safetensors")
     assert before.keys() == after.keys()
