@@ -1,1 +1,72 @@
-"""imm-ray toy (to be written)."""
+"""``imm-ray toy build`` and ``imm-ray toy show``: the embedded default's data and base model."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from imm_ray.cli.app import toy_app
+from imm_ray.data.toy import TOY_SETS, load_toy
+from imm_ray.toy import TOY_MODEL_DIR
+
+_console = Console()
+
+
+def _fail(message: str) -> typer.Exit:
+    _console.print(f"[red]error:[/red] {message}")
+    return typer.Exit(code=2)
+
+
+@toy_app.command("build")
+def build(
+    out: Path = typer.Option(TOY_MODEL_DIR, help="Model folder to write (an HF folder)."),
+    seed: int = typer.Option(0, help="Seed of the data stream, tokenizer corpus and initialisation."),
+    tokens: int = typer.Option(6_000_000, help="Token budget of the cosine schedule (and the most trained)."),
+    minutes: float | None = typer.Option(None, help="Wall-clock cap; a build stopped by it is not reproducible."),
+    target_id_accuracy: float = typer.Option(
+        0.4, help="Stop at the first periodic eval with greedy ID pass@1 >= this (0: train the full budget)."
+    ),
+    device: str = typer.Option("cpu", help="torch device to train on."),
+    overwrite: bool = typer.Option(False, help="Replace an existing folder."),
+) -> None:
+    """Pretrain the toy tokenizer and model from scratch and write them, with a build record."""
+    from imm_ray.toy.pretrain import RECORD_NAME, PretrainSpec, build_toy  # torch: imported only when used
+
+    try:
+        spec = replace(
+            PretrainSpec(), seed=seed, tokens=tokens, max_minutes=minutes, device=device,
+            target_id_accuracy=target_id_accuracy or None,
+        )
+        record = build_toy(spec, out, overwrite=overwrite)
+    except (ValueError, FileExistsError) as error:
+        raise _fail(str(error)) from error
+    _console.print(f"wrote {out} ({record.parameters:,} parameters, {record.tokens_seen:,} tokens, "
+                   f"{record.wall_seconds:.0f} s, stopped by {record.stopped_by}); record: {out / RECORD_NAME}")
+    for accuracy in record.accuracies:
+        _console.print(f"  {accuracy.set_name}: pass@1 {accuracy.pass_at_1:.1%} "
+                       f"({accuracy.samples} samples at T={accuracy.temperature}, {accuracy.questions} questions)")
+    if record.id_train_coverage is not None:
+        _console.print(f"  ID train coverage at k={record.id_train_coverage.samples}: "
+                       f"{record.id_train_coverage.coverage:.1%}")
+
+
+@toy_app.command("show")
+def show(
+    n: int = typer.Option(2, min=1, help="Problems per family."),
+    split: str = typer.Option("train", help="train or test."),
+    seed: int = typer.Option(0, help="Data seed."),
+) -> None:
+    """Print a few problems of each family with their reference solutions."""
+    for name in TOY_SETS:
+        try:
+            problems = load_toy(name, split, n, seed)
+        except ValueError as error:
+            raise _fail(str(error)) from error
+        _console.rule(name)
+        for problem in problems:
+            _console.print(f"[bold]{problem.id}[/bold]  {problem.question}", highlight=False)
+            _console.print(problem.solution or "", highlight=False)
+            _console.print()
