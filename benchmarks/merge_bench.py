@@ -41,18 +41,20 @@ ALPHA, DROP_RATE, SEED = 0.5, 0.2, 0
 
 def build_pair(workdir: Path) -> tuple[Path, Path]:
     """A random bf16 model with Qwen2.5-0.5B's tensor names and shapes, and a perturbed copy (two shards each)."""
-    base, finetuned = workdir / "base", workdir / "finetuned"
-    if (finetuned / "model.safetensors.index.json").is_file():
-        return base, finetuned
     import torch
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, Qwen2Config
 
+    base, finetuned = workdir / "base", workdir / "finetuned"
     config = Qwen2Config(
         vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
         num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
-        tie_word_embeddings=True, dtype="bfloat16",
+        tie_word_embeddings=True, dtype="bfloat16", architectures=["Qwen2ForCausalLM"],
     )
+    if (finetuned / "model.safetensors.index.json").is_file():
+        for folder in (base, finetuned):
+            config.to_json_file(folder / "config.json")
+        return base, finetuned
     with torch.device("meta"):
         shapes = {name: p.shape for name, p in AutoModelForCausalLM.from_config(config).named_parameters()}
     total = sum(shape.numel() for shape in shapes.values())
