@@ -290,6 +290,8 @@ def render(results: dict[str, list[Run]], moved: int, model_bytes: int, identica
         _goal("whole-process wall ≤ ½ mergekit", ours_wall, mergekit_wall / 2, "s"),
         _goal("largest process peak RSS ≤ ¼ mergekit", ours_rss, mergekit_rss / 4, "MiB"),
         _goal("merge call with Ray up ≤ 2× I/O floor", call, 2 * floor, "s"),
+        f"- Where the command's time goes: {call:.2f} s in the merge call (actor start included), "
+        f"{ours_wall - call:.2f} s outside it (Python imports, `ray.init`, Ray's shutdown at exit).",
     ]
     date = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     return "\n".join([

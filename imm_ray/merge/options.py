@@ -20,9 +20,9 @@ class MergeOptions(BaseModel):
     ``previous`` is θ^t, the model that was fine-tuned in iteration t (θ^0 is the base, the default). ``alpha`` is
     the weight of the ORIGINAL base (Eq. 6): α = 1 returns the base, α = 0 the DARE'd fine-tuned model.
     ``drop_rate`` is DARE's p (TIES: the share of smallest-magnitude entries trimmed); tensors whose name matches
-    ``exclude`` keep their full delta, unmasked and unscaled. ``chunk_elements`` bounds a worker's memory (about
-    ten float32 buffers of that many elements) and does not change the result; ``workers`` defaults to every CPU of
-    the Ray cluster.
+    ``exclude`` keep their full delta, unmasked and unscaled (IIMM's layer scale, a separate factor, still applies).
+    ``chunk_elements`` bounds a worker's memory (about ten float32 buffers of that many elements) and does not change
+    the result; ``workers`` defaults to every CPU of the Ray cluster.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
