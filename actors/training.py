@@ -24,6 +24,7 @@ import json
 import math
 import os
 import tempfile
+import time
 from contextlib import ExitStack, nullcontext
 from pathlib import Path
 from typing import Any, Literal
@@ -442,11 +443,13 @@ def _train_worker(config: dict[str, Any]) -> None:
             _restore_optimizer(engine, optimizer, resume_dir, progress.adam_step)
             _restore_schedule(scheduler, progress.optimizer_steps)
 
+    started = time.perf_counter()
     _train_epochs(job, engine, optimizer, examples, tokenizer.pad_token_id, progress, rank, world)
     _save_consolidated(engine, job, tokenizer, _base_dtype(job), rank)
     if rank == 0:
         log = {"epochs": progress.history, "world_size": world, "optimizer_steps": progress.optimizer_steps,
-               "attempts": progress.attempts}
+               "attempts": progress.attempts, "last_attempt_seconds": round(time.perf_counter() - started, 2),
+               "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated(engine.device) if job.use_gpu else None}
         Path(job.output_dir, TRAINING_LOG).write_text(json.dumps(log, indent=2))
 
 
@@ -527,8 +530,9 @@ def storage_uri(path: str) -> str:
 
 
 def run_sft(job: SFTJob) -> dict[str, Any]:
-    """Fine-tune with Ray Train on the running Ray cluster; return the training log (per-epoch loss, world size,
-    optimizer steps, and one entry per attempt that got as far as a checkpoint or the end)."""
+    """Fine-tune with Ray Train on the running Ray cluster; return the training log: per-epoch loss, world size,
+    optimizer steps, one entry per attempt that got as far as a checkpoint or the end, the last attempt's training
+    time (from the model being ready to the consolidated save) and rank 0's peak GPU memory."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
