@@ -6,7 +6,8 @@ ZeRO-3, bf16, NCCL, one worker, checkpoints on), merges the result with the base
 ``actors.merging.merge_models`` (IMM: DARE + α; the merge engine has no device option, so it runs on the CPU),
 then loads base, SFT and merged models on the GPU with transformers and compares their loss on held-out pairs.
 Prints a summary and writes it as JSON; exits non-zero on any failed check. ``--cpu`` runs the same path on the
-CPU (gloo) to check the script where there is no GPU.
+CPU (gloo) to check the script where there is no GPU. Under ``ray job submit`` (RAY_ADDRESS set) it uses the
+cluster; ``--out`` must then be on storage every node shares.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import sys
 import tempfile
@@ -132,7 +134,10 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     pd.DataFrame(train, columns=["prompt", "response"]).to_parquet(data)
 
     started = time.perf_counter()
-    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": WORKER_ENV}, logging_level="WARNING")
+    if os.environ.get("RAY_ADDRESS"):  # a Ray job on a cluster: its own cluster, its own runtime env
+        ray.init(logging_level="WARNING")
+    else:
+        ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": WORKER_ENV}, logging_level="WARNING")
     summary["ray_init_s"] = round(time.perf_counter() - started, 1)
 
     job = SFTJob(
