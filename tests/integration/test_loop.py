@@ -35,6 +35,14 @@ def _overrides(output_dir: Path) -> list[str]:
     return [*SMALL, f"experiment.output_dir={output_dir}", "experiment.name=it"]
 
 
+def _tensors(folder: Path) -> dict:
+    """Every tensor of an HF folder, whatever its shard file names."""
+    tensors = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
 def _stage_folders(run_dir: Path, kind: str) -> list[Path]:
     return sorted(p for p in (run_dir / "_stages").glob(f"{kind}-*") if p.is_dir())
 
@@ -71,10 +79,9 @@ def test_one_iteration_runs_every_stage_once(finished_run):
 
 def test_merged_model_is_alpha_between_base_and_sft(finished_run):
     """With p = 0.2 the merge is not a plain average, but every merged entry lies within the DARE envelope."""
-    merged = load_file(finished_run / "imm" / "iter_0" / "merge" / "model.safetensors")
-    base_dir = Path(load_config(Path("configs/toy.yaml")).model.resolved_path())
-    base = load_file(base_dir / "model.safetensors")
-    sft = load_file(finished_run / "imm" / "iter_0" / "sft" / "model.safetensors")
+    merged = _tensors(finished_run / "imm" / "iter_0" / "merge")
+    base = _tensors(Path(load_config(Path("configs/toy.yaml")).model.resolved_path()))
+    sft = _tensors(finished_run / "imm" / "iter_0" / "sft")
     name = next(n for n in merged if n.endswith("mlp.down_proj.weight"))
     delta = sft[name] - base[name]
     kept = 0.5 * base[name] + 0.5 * (base[name] + delta / 0.8)
@@ -115,8 +122,8 @@ def test_killed_mid_sft_resumes_to_the_same_results(finished_run, ray_cluster, t
     assert not list((run_dir / "_stages").glob(".*.tmp-*"))
     for folder in ("base/eval", "imm/iter_0/eval_sft", "imm/iter_0/eval_merge"):
         assert (run_dir / folder / "metrics.csv").read_text() == (finished_run / folder / "metrics.csv").read_text()
-    resumed = load_file(run_dir / "imm" / "iter_0" / "merge" / "model.safetensors")
-    reference = load_file(finished_run / "imm" / "iter_0" / "merge" / "model.safetensors")
+    resumed = _tensors(run_dir / "imm" / "iter_0" / "merge")
+    reference = _tensors(finished_run / "imm" / "iter_0" / "merge")
     assert all((resumed[name] == reference[name]).all() for name in reference)
 
 
