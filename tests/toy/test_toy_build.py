@@ -100,7 +100,7 @@ def test_target_accuracy_stops_early(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert record.stopped_by == "tokens" and len(record.evals) >= 3
     record = build_toy(replace(often, target_id_accuracy=0.5), tmp_path / "b", show_progress=False)
     assert record.stopped_by == "target" and record.evals == ((record.tokens_seen, 0.5),)
-    assert TINY.eval_from_tokens <= record.tokens_seen < TINY.tokens
+    assert often.eval_from_tokens <= record.tokens_seen < often.tokens
 
 
 def test_lr_schedule_warms_up_then_decays() -> None:
