@@ -105,6 +105,7 @@ class SFTSection(_Section):
     max_length: int = Field(512, ge=8)
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     zero_stage: Literal[0, 1, 2, 3] = 3
+    checkpoint_every_steps: int | None = Field(None, ge=1)  # Ray Train checkpoints besides each epoch end
     mixture_share: float = Field(0.5, ge=0, le=1)  # data mixture: share of the previous iteration's kept data
 
 

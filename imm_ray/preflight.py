@@ -156,11 +156,25 @@ def _prompts(config: ExperimentConfig, set_name: str, problems: list[Problem]) -
     return [prompter(problem) for problem in problems]
 
 
-def check_resources(config: ExperimentConfig) -> None:
-    """The cluster must hold the largest single request of any stage (stages run one at a time)."""
+def cluster_capacity() -> dict[str, float]:
+    """The most the cluster can offer: what its nodes hold now, or, on an autoscaling cluster (``ray up``),
+    what the autoscaler may start, whichever is larger. A job submitted to a fresh cluster sees only the
+    head node, with no GPUs, until the first stage asks for them."""
     import ray
 
-    available = ray.cluster_resources()
+    current = ray.cluster_resources()
+    try:  # the same lookup Ray Train v2 uses for elastic scaling; absent on clusters without an autoscaler
+        from ray._private.state import state
+
+        limits = state.get_max_resources_from_cluster_config() or {}
+    except Exception:  # noqa: BLE001 - a private API: treat any failure as "no autoscaler"
+        limits = {}
+    return {key: max(current.get(key, 0), limits.get(key, 0)) for key in {*current, *limits}}
+
+
+def check_resources(config: ExperimentConfig) -> None:
+    """The cluster must hold the largest single request of any stage (stages run one at a time)."""
+    available = cluster_capacity()
     res = config.resources
     cpus = available.get("CPU", 0)
     gpus = available.get("GPU", 0)
@@ -172,7 +186,8 @@ def check_resources(config: ExperimentConfig) -> None:
     for field, need in needs.items():
         if need > cpus:
             raise PreflightError(f"{field} asks for {need:g} CPUs but the Ray cluster has {cpus:g}")
-    gpu_need = max(res.generation_actors * res.gpus_per_generation_actor, res.sft_workers if res.use_gpu else 0)
+    gpu_need = max(res.generation_actors * res.gpus_per_generation_actor,
+                   (res.sft_min_workers or res.sft_workers) if res.use_gpu else 0)
     if gpu_need > gpus:
         raise PreflightError(f"resources asks for {gpu_need:g} GPUs but the Ray cluster has {gpus:g}")
 

@@ -1,0 +1,42 @@
+import pytest
+
+from imm_ray.config import load_config
+from imm_ray.preflight import PreflightError, check_model_folder, check_resources, prepare_run, resolve_model
+
+
+def test_missing_model_folder_names_the_field(tmp_path):
+    with pytest.raises(PreflightError, match=r"model.path: .*nope is not a model folder"):
+        resolve_model("model.path", str(tmp_path / "nope"), False)
+
+
+def test_folder_without_safetensors_is_refused_with_conversion_hint(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not unpickled")
+    with pytest.raises(PreflightError, match="pickle checkpoints .*pytorch_model.bin.*safe_serialization"):
+        check_model_folder("model.teacher", tmp_path)
+    (tmp_path / "pytorch_model.bin").unlink()
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(PreflightError, match="no config.json"):
+        check_model_folder("model.path", tmp_path)
+
+
+def test_unreachable_hub_id_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(PreflightError, match="model.path: no-such-org/no-such-model is neither a local folder"):
+        resolve_model("model.path", "no-such-org/no-such-model", False)
+
+
+def test_more_workers_than_cpus_is_refused(ray_cluster):
+    with pytest.raises(PreflightError, match=r"resources.sft_workers .* asks for 4 CPUs but the Ray cluster has 2"):
+        check_resources(load_config(None, ["resources.sft_workers=4"]))
+    with pytest.raises(PreflightError, match="GPUs"):
+        check_resources(load_config(None, ["resources.use_gpu=true"]))
+    check_resources(load_config(None))  # the toy default fits a 2-CPU machine
+
+
+def test_unknown_data_set_is_named_before_any_work(ray_cluster):
+    with pytest.raises(PreflightError, match="data.eval_sets: .*no_such_set"):
+        prepare_run(load_config(None, ["data.eval_sets=[toy_id, no_such_set]"]))
+    with pytest.raises(PreflightError, match="data.train_set"):
+        prepare_run(load_config(None, ["data.train_set=gsm8k", "data.eval_sets=[gsm8k]",
+                                       "data.data_dir=/nonexistent", "data.train_path=/nonexistent/train.jsonl"]))
