@@ -70,9 +70,13 @@ def num_samples(sweep: SweepSection) -> int:
     return 1 if sweep.search == "grid" else sweep.num_samples
 
 
-def search_algorithm(seed: int) -> BasicVariantGenerator:
-    """Tune's default variant generator, seeded so a random sweep draws the same points every time."""
-    return BasicVariantGenerator(random_state=seed)
+def search_algorithm(sweep: SweepSection, seed: int) -> BasicVariantGenerator:
+    """Tune's default variant generator, seeded so a random sweep draws the same points every time.
+
+    The concurrency limit goes here: Tune ignores ``TuneConfig.max_concurrent_trials`` for a generator like this
+    one (it warns and runs every trial at once).
+    """
+    return BasicVariantGenerator(random_state=seed, max_concurrent=sweep.max_concurrent_trials)
 
 
 def _uniform(values: tuple[float, ...]) -> Any:

@@ -93,6 +93,9 @@ def run_sweep(config: ExperimentConfig, console: Console | None = None, *, fresh
     restore = prepare_folder(config, paths, fresh=fresh, console=console)
     started = time.time()
     with ray_session():
+        import ray
+
+        check_concurrency(config, ray.cluster_resources().get("CPU", 0.0))
         grid = make_tuner(config, paths, restore=restore).fit()
     seconds = time.time() - started
     outcomes = tuple(sorted((outcome_of(result, config) for result in grid), key=lambda o: o.params.sort_key))
@@ -138,7 +141,7 @@ def make_tuner(config: ExperimentConfig, paths: SweepPaths, *, restore: bool) ->
         param_space=search_space(sweep),
         tune_config=tune.TuneConfig(
             metric=sweep.metric, mode="max", num_samples=num_samples(sweep),
-            max_concurrent_trials=sweep.max_concurrent_trials, search_alg=search_algorithm(config.experiment.seed),
+            search_alg=search_algorithm(sweep, config.experiment.seed),
         ),
         run_config=tune.RunConfig(
             storage_path=str(paths.root), name=paths.tune.name, verbose=1,
@@ -206,6 +209,25 @@ def error_line(error: BaseException) -> str:
         text = text.splitlines()[-1] if text else text
     first = text.splitlines()[0] if text else ""
     return f"{type(error).__name__}: {first}" if first else type(error).__name__
+
+
+def stage_cpus(config: ExperimentConfig) -> float:
+    """The most CPUs one stage of a trial asks for at once (stages of one trial run one at a time)."""
+    res = config.resources
+    return max(res.generation_actors * res.cpus_per_generation_actor,
+               (res.sft_min_workers or res.sft_workers) * res.cpus_per_sft_worker, float(res.merge_workers))
+
+
+def check_concurrency(config: ExperimentConfig, cluster_cpus: float) -> None:
+    """Concurrent trials whose stages together need more CPUs than the cluster has wait on each other and can
+    deadlock (seen: two merge pools on 2 CPUs, each holding one actor and waiting for a second one)."""
+    trials, need = config.sweep.max_concurrent_trials, stage_cpus(config)
+    if trials > 1 and trials * need > cluster_cpus:
+        raise ConfigError(
+            f"sweep.max_concurrent_trials: {trials} trials × up to {need:g} CPUs per stage exceed the cluster's "
+            f"{cluster_cpus:g} CPUs; concurrent trials would hold part of each other's CPUs and can deadlock. "
+            f"Lower it to {max(1, int(cluster_cpus // need))} or shrink the resources section."
+        )
 
 
 def check_metric(config: ExperimentConfig) -> None:
