@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -48,10 +49,11 @@ def sweep(
 
 
 def _rich_table(frame: pd.DataFrame, title: str) -> Table:
-    table = Table(title=title)
-    table.add_column(str(frame.index.name or "set"))
+    """Numbers and headers never truncated; on a narrow terminal the set names fold onto two lines instead."""
+    table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False, collapse_padding=True)
+    table.add_column(str(frame.index.name or "set"), overflow="fold")
     for column in frame.columns:
-        table.add_column(str(column), justify="right")
+        table.add_column(str(column), justify="right", no_wrap=True, min_width=len(str(column)))
     for name, row in frame.iterrows():
         table.add_row(str(name), *["–" if pd.isna(v) else f"{v:.1f}" for v in row])
     return table
