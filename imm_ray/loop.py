@@ -85,8 +85,9 @@ class IterationLoop:
         shared ``stage_cache``, so stages equal across trials are computed once."""
         self.config = config
         self.console = console or Console()
-        self.run_dir = Path(run_dir) if run_dir is not None else config.run_dir
-        self.store = StageStore(self.run_dir, stage_cache)
+        # absolute: Ray workers run in their own working directories
+        self.run_dir = (Path(run_dir) if run_dir is not None else config.run_dir).resolve()
+        self.store = StageStore(self.run_dir, Path(stage_cache).resolve() if stage_cache else None)
         self.prepared: PreparedRun | None = None
 
     # ---- the loop ---------------------------------------------------------------------------------------

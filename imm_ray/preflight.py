@@ -29,7 +29,7 @@ def resolve_model(field: str, path: str, trust_remote_code: bool) -> str:
     folder = Path(path)
     if folder.is_dir():
         check_model_folder(field, folder)
-        return str(folder)
+        return str(folder.resolve())  # absolute: Ray workers run in their own working directories
     if folder.exists() or path.startswith((".", "/")) or path.count("/") != 1:
         raise PreflightError(f"{field}: {path} is not a model folder (no such directory)")
     try:
