@@ -188,6 +188,7 @@ def _train(
         if seen >= next_eval:
             evals.append((seen, _quick_eval(model, tokenizer, spec)))
             progress.console.print(f"tokens {seen:,}: loss {loss_value:.3f}, ID greedy pass@1 {evals[-1][1]:.1%}")
+            progress.console.file.flush()  # a redirected build log shows each eval as it happens
             next_eval += spec.eval_every_tokens
             if spec.target_id_accuracy is not None and evals[-1][1] >= spec.target_id_accuracy:
                 return steps, seen, "target", loss_value, evals
