@@ -93,6 +93,7 @@ class IterationLoop:
     # ---- the loop ---------------------------------------------------------------------------------------
     def run(self) -> RunResult:
         started = time.time()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.store.clean_leftovers()
         save_config(self.config, self.run_dir / "config.yaml")
         result = RunResult(self.run_dir)
@@ -154,10 +155,12 @@ class IterationLoop:
 
     def select_pairs(self, strategy: StrategySpec, samples: Path, earlier: list[Path], t: int, link: Path) -> Path:
         cfg = self.config
+        # with no earlier data every policy selects the same pairs, so iteration 0 is shared by all strategies
+        policy = strategy.data_policy if earlier else "current"
         key = {
-            "stage": "sft_data", "samples": _fp_of(samples), "policy": strategy.data_policy,
-            "earlier": [_fp_of(p) for p in earlier] if strategy.data_policy != "current" else [],
-            "share": cfg.sft.mixture_share if strategy.data_policy == "mixture" else None,
+            "stage": "sft_data", "samples": _fp_of(samples), "policy": policy,
+            "earlier": [_fp_of(p) for p in earlier] if policy != "current" else [],
+            "share": cfg.sft.mixture_share if policy == "mixture" else None,
             "seed": cfg.experiment.seed, "iteration": t,
         }
 
@@ -171,7 +174,7 @@ class IterationLoop:
                 )
             previous = [pd.read_parquet(p / "pairs.parquet") for p in earlier]
             pairs = select_sft_pairs(
-                strategy.data_policy, current, previous, mixture_share=cfg.sft.mixture_share,
+                policy, current, previous, mixture_share=cfg.sft.mixture_share,
                 seed=_mix(cfg.experiment.seed, t),
             )
             out.mkdir(parents=True)

@@ -143,13 +143,28 @@ class StageStore:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     def clean_leftovers(self) -> list[Path]:
-        """Remove temporary folders that a killed run left behind (never a finished stage)."""
+        """Remove temporary folders that a killed run left behind (never a finished stage, and never one that a
+        concurrent trial is still writing: its stage lock is held)."""
         removed = []
         for path in self.cache_dir.glob(".*.tmp-*"):
-            if path.is_dir():
+            stage_name = path.name[1:].rsplit(".tmp-", 1)[0]
+            if path.is_dir() and not _is_locked(self.cache_dir / f".{stage_name}.lock"):
                 shutil.rmtree(path, ignore_errors=True)
                 removed.append(path)
         return removed
+
+
+def _is_locked(lock_path: Path) -> bool:
+    """Whether another process holds this stage's lock right now."""
+    if not lock_path.exists():
+        return False
+    with open(lock_path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
 
 
 def _point_link(link: Path, target: Path) -> None:

@@ -78,3 +78,15 @@ def test_model_fingerprint_uses_stage_record_or_files(tmp_path):
     (external / "config.json").write_text('{"x": 1}')
     assert model_fingerprint(external) != before
     assert model_fingerprint("Qwen/Qwen2.5-0.5B") == model_fingerprint("Qwen/Qwen2.5-0.5B")
+
+
+def test_leftover_of_a_stage_being_written_elsewhere_is_kept(tmp_path):
+    import fcntl
+
+    store = StageStore(tmp_path)
+    busy = store.cache_dir / ".sft-busy.tmp-aaaa"
+    busy.mkdir()
+    with open(store.cache_dir / ".sft-busy.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        assert store.clean_leftovers() == []
+    assert store.clean_leftovers() == [busy]
