@@ -294,8 +294,11 @@ def render(results: dict[str, list[Run]], moved: int, model_bytes: int, identica
         f"{ours_wall - call:.2f} s outside it (Python imports, `ray.init`, Ray's shutdown at exit).",
     ]
     date = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    busy = max(float(before.split()[0]), float(after.split()[0])) > (os.cpu_count() or 1)
+    caveat = (" Other processes kept the load above the core count: every time is inflated and the time ratios are "
+              "unreliable (multi-threaded runs suffer most); peak RSS is not affected." if busy else "")
     return "\n".join([
-        f"Measured {date} on {machine()}; load average (1, 5, 15 min) {before} before, {after} after.",
+        f"Measured {date} on {machine()}; load average (1, 5, 15 min) {before} before, {after} after.{caveat}",
         f"Inputs: random Qwen2.5-0.5B-shaped bf16 pair ({model_bytes / 1e9:.2f} GB each, two shards); "
         f"DARE p = {DROP_RATE}, α = {ALPHA}; GB/s = (two models read + one written) / time. "
         f"imm-ray outputs for 1 and 2 workers bit-identical: {'yes' if identical else 'NO'}.",
