@@ -125,6 +125,8 @@ class EvalSection(_Section):
     temperature: float = Field(0.6, ge=0, le=2)
     k: tuple[int, ...] = (1, 4)
     max_new_tokens: int | None = None  # default: generation.max_new_tokens
+    # per-layer weight change (vs the base) and importance of every SFT and merged model, in the report
+    layer_analysis: bool = True
 
     @model_validator(mode="after")
     def _k_within_samples(self) -> EvalSection:

@@ -47,6 +47,7 @@ class EvalEntry:
     iteration: int | None
     role: str
     folder: Path
+    analysis: Path | None = None  # weight_change.csv and importance.csv of this model, if analysed
 
 
 @dataclass
@@ -61,7 +62,7 @@ def report_rows(entries: list[EvalEntry]) -> list[dict[str, Any]]:
     """The evaluated models with their per-set metrics, as the report expects them."""
     return [
         {"strategy": e.strategy, "iteration": e.iteration, "role": e.role,
-         "metrics": pd.read_csv(e.folder / "metrics.csv")}
+         "metrics": pd.read_csv(e.folder / "metrics.csv"), "analysis": e.analysis}
         for e in entries
     ]
 
@@ -120,12 +121,14 @@ class IterationLoop:
             pairs = self.select_pairs(strategy, samples, earlier_pairs, t, where / "sft_data")
             earlier_pairs.append(pairs)
             sft = self.fine_tune(current, pairs, t, where / "sft")
-            entries.append(EvalEntry(strategy.name, t, "sft", self.evaluate(sft, where / "eval_sft")))
+            entries.append(EvalEntry(strategy.name, t, "sft", self.evaluate(sft, where / "eval_sft"),
+                                     self.analyze(base, sft, where / "analysis_sft")))
             if strategy.merge_method is None:
                 current = sft
                 continue
             merged = self.merge(base, current, sft, t, strategy.merge_method, where / "merge")
-            entries.append(EvalEntry(strategy.name, t, "merge", self.evaluate(merged, where / "eval_merge")))
+            entries.append(EvalEntry(strategy.name, t, "merge", self.evaluate(merged, where / "eval_merge"),
+                                     self.analyze(base, merged, where / "analysis_merge")))
             current = merged
         return entries
 
@@ -248,6 +251,28 @@ class IterationLoop:
             return {"layers": len(frame)}
 
         return self._stage("importance", key, work, self.run_dir / "base" / "importance", "layer importance")
+
+    def analyze(self, base: ModelRef, model: ModelRef, link: Path) -> Path | None:
+        """The paper's layer analysis of one model: ΔW^n against the ORIGINAL base and importance I^n."""
+        if not self.config.eval.layer_analysis:
+            return None
+        from imm_ray.analysis import layer_importance, plot_layers, weight_change, write_layer_csv
+
+        prepared = self.prepared
+        key = {"stage": "analysis", "base": base.fingerprint, "model": model.fingerprint,
+               "data": prepared.importance_fingerprint, "version": imm_ray.__version__}
+
+        def work(out: Path) -> dict[str, Any]:
+            out.mkdir(parents=True)
+            change = weight_change(base.path, model.path)
+            write_layer_csv(change, out / "weight_change.csv")
+            plot_layers(change, "weight_change", out / "weight_change.png", "Weight change vs the base, per layer")
+            importance = layer_importance(model.path, prepared.importance_pairs(), progress=False)
+            write_layer_csv(importance, out / "importance.csv")
+            plot_layers(importance, "importance", out / "importance.png", "Layer importance")
+            return {"layers": len(change)}
+
+        return self._stage("analysis", key, work, link, f"layer analysis of {Path(model.path).name}")
 
     def evaluate(self, model: ModelRef, link: Path) -> Path:
         from actors.evaluation import evaluate_model

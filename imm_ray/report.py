@@ -79,6 +79,7 @@ def plot_trajectories(table: pd.DataFrame, id_set: str, path: Path, title: str) 
             xs, ys = trajectory(table, strategy, column)
             axis.plot(xs, ys, marker="o", label=STRATEGIES[strategy].label if strategy in STRATEGIES else strategy)
         axis.set_title(f"{'In-domain' if column == id_set else 'Out-of-domain'}: {column}")
+        axis.set_xticks(range(int(table["iteration"].max()) + 2))
         axis.set_xlabel("iteration (0 = base)")
         axis.set_ylabel("accuracy (%)")
         axis.grid(alpha=0.3)
@@ -101,6 +102,7 @@ def write_report(run_dir: Path, rows: Sequence[dict], id_set: str, ks: Sequence[
         first = table if first is None else first
     plot_trajectories(first, id_set, run_dir / "accuracy_over_iterations.png", f"pass@{ks[0]} over iterations")
     sections.append(f"![accuracy over iterations](accuracy_over_iterations.png)\n\n{summarise(first, id_set)}\n")
+    sections.append(layer_section(rows, run_dir))
     if extra:
         sections.append(extra)
     (run_dir / "report.md").write_text("\n".join(sections))
@@ -118,3 +120,39 @@ def summarise(table: pd.DataFrame, id_set: str) -> str:
         label = STRATEGIES[strategy].label if strategy in STRATEGIES else strategy
         lines.append(f"- {label}, after the last iteration: " + "; ".join(parts))
     return "\n".join(lines)
+
+
+def layer_table(rows: Sequence[dict], file: str, column: str) -> pd.DataFrame | None:
+    """One row per analysed model, one column per layer (L0, L1, ...)."""
+    records = []
+    for row in rows:
+        folder = row.get("analysis")
+        if folder is None or not (Path(folder) / file).is_file():
+            continue
+        values = pd.read_csv(Path(folder) / file).set_index("layer")[column]
+        records.append({"model": model_label(row["strategy"], row["iteration"], row["role"]),
+                        **{f"L{layer}": float(v) for layer, v in values.items()}})
+    return pd.DataFrame(records) if records else None
+
+
+def layer_section(rows: Sequence[dict], run_dir: Path) -> str:
+    """The paper's Figures 3 and 4 as tables: weight change vs the base and importance, per layer and model."""
+    parts = []
+    for title, file, column, digits in (
+        ("Weight change ΔW^n against the ORIGINAL base (Σ‖W − W_base‖_F over the layer's weight matrices)",
+         "weight_change.csv", "weight_change", 3),
+        ("Layer importance I^n (Σ|∂L/∂W ⊙ W| on reference solutions)", "importance.csv", "importance", 4),
+    ):
+        table = layer_table(rows, file, column)
+        if table is None:
+            continue
+        header = "| " + " | ".join(table.columns) + " |"
+        rule = "|" + "|".join(["---"] + ["---:"] * (len(table.columns) - 1)) + "|"
+        body = ["| " + " | ".join([str(r["model"])] + [f"{r[c]:.{digits}g}" for c in table.columns[1:]]) + " |"
+                for _, r in table.iterrows()]
+        parts.append(f"### {title}\n\n" + "\n".join([header, rule, *body]) + "\n")
+    if not parts:
+        return ""
+    note = ("Per-model CSVs and bar plots: `<strategy>/iter_<t>/analysis_{sft,merge}/` "
+            "(weight_change.png, importance.png).\n")
+    return "## Layer analysis\n\n" + note + "\n" + "\n".join(parts)

@@ -33,6 +33,8 @@ class TransformersEngine(GenerationEngine):
         encoded = encoded.to(self.device)
         torch.manual_seed(request.seed)
         sampling = request.temperature > 0
+        # greedy decoding gives one answer per prompt: decode it once and repeat it n times
+        returns = request.n if sampling else 1
         output = self.model.generate(
             **encoded,
             do_sample=sampling,
@@ -40,7 +42,7 @@ class TransformersEngine(GenerationEngine):
             top_p=request.top_p if sampling else None,
             top_k=0 if sampling else None,
             max_new_tokens=request.max_new_tokens,
-            num_return_sequences=request.n,
+            num_return_sequences=returns,
             pad_token_id=self.tokenizer.pad_token_id,
             stop_strings=list(request.stop) or None,
             tokenizer=self.tokenizer if request.stop else None,
@@ -48,4 +50,6 @@ class TransformersEngine(GenerationEngine):
         new_tokens = output[:, encoded["input_ids"].shape[1] :]
         texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         texts = [cut_at_stop(text, request.stop) for text in texts]
+        if not sampling:
+            return [[text] * request.n for text in texts]
         return [texts[i * request.n : (i + 1) * request.n] for i in range(len(prompts))]

@@ -62,11 +62,6 @@ def test_stop_strings_never_appear_in_samples(engine: TransformersEngine) -> Non
     assert not any(marker in text for text in stopped for marker in stop)
 
 
-@pytest.mark.xfail(
-    strict=True, raises=ValueError,
-    reason="transformers 5.19 generate refuses num_return_sequences > 1 without sampling; "
-    "the engine should generate once and repeat, as the vLLM engine does",
-)
 def test_greedy_with_n_returns_n_copies(engine: TransformersEngine) -> None:
     got = engine.generate(PROMPTS[:2], SamplingRequest(n=3, temperature=0, max_new_tokens=40, seed=0))
     assert got == [[memorised_rest(i)] * 3 for i in range(2)]

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import pickle
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import ray
 from merge_zoo import Zoo, file_bytes
 from typer.testing import CliRunner
 
@@ -22,14 +20,7 @@ def _args(zoo: Zoo, out: Path, *extra: str) -> list[str]:
             "--drop-rate", "0.2", "--seed", "1", *extra]
 
 
-@pytest.fixture(scope="module")
-def ray_cluster() -> Iterator[None]:
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-def test_merge_command_writes_the_model_and_its_record(zoo: Zoo, tmp_path: Path, ray_cluster: None) -> None:
+def test_merge_command_writes_the_model_and_its_record(zoo: Zoo, tmp_path: Path, ray_cluster) -> None:
     out = tmp_path / "merged"
     result = runner.invoke(app, _args(zoo, out, "--workers", "2", "--iteration", "1", "--exclude", "norm"))
     assert result.exit_code == 0, result.output

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 import torch
 from merge_zoo import Zoo, file_bytes, load_model, merge_in_process, reference_merge, save_tensors
 from transformers import AutoModelForCausalLM
@@ -123,14 +121,7 @@ def test_bf16_in_bf16_out_and_dtype_override(zoo: Zoo, tmp_path: Path) -> None:
 # ---- the Ray actor pool -------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def ray_cluster() -> Iterator[None]:
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-def test_files_are_identical_for_1_2_and_4_workers(zoo: Zoo, tmp_path: Path, ray_cluster: None) -> None:
+def test_files_are_identical_for_1_2_and_4_workers(zoo: Zoo, tmp_path: Path, ray_cluster) -> None:
     records, outputs = [], []
     for workers in (1, 2, 4):
         options = _options(zoo, tmp_path / f"w{workers}", finetuned=(zoo.sharded_ft,), workers=workers)
@@ -154,7 +145,7 @@ def _tied_stored_twice(zoo: Zoo, folder: Path) -> tuple[Path, Path]:
 
 
 @pytest.mark.parametrize("pair", ["tied", "untied"])
-def test_output_is_a_loadable_hf_folder_with_a_record(zoo: Zoo, tmp_path: Path, ray_cluster: None, pair: str) -> None:
+def test_output_is_a_loadable_hf_folder_with_a_record(zoo: Zoo, tmp_path: Path, ray_cluster, pair: str) -> None:
     base, ft = _tied_stored_twice(zoo, tmp_path) if pair == "tied" else (zoo.untied_base, zoo.untied_ft)
     options = _options(zoo, tmp_path / "nested" / "out", base=base, finetuned=(ft,), iteration=2, seed=11, workers=2)
     record = merge_models(options)
@@ -259,7 +250,7 @@ def test_non_finite_values_are_named_by_the_engine(zoo: Zoo, tmp_path: Path, cas
         merge_in_process(_options(zoo, tmp_path / "out", finetuned=(make(zoo, tmp_path / "bad"),), **changes))
 
 
-def test_an_error_in_a_worker_leaves_no_trace(zoo: Zoo, tmp_path: Path, ray_cluster: None) -> None:
+def test_an_error_in_a_worker_leaves_no_trace(zoo: Zoo, tmp_path: Path, ray_cluster) -> None:
     make, changes, message = SAFETY_CASES["nan input"]
     bad = make(zoo, tmp_path / "bad")
     _assert_fails_leaving_existing_untouched(_options(zoo, tmp_path / "existing", finetuned=(bad,), overwrite=True,
