@@ -231,7 +231,7 @@ class IterationLoop:
                 importance=str(importance / "importance.csv") if importance else None,
                 workers=cfg.resources.merge_workers,
             ))
-            return {"record": record.model_dump(mode="json") if hasattr(record, "model_dump") else str(record)}
+            return {"record": record.model_dump(mode="json")}
 
         folder = self._stage("merge", key, work, link, f"merge (α={cfg.merge.alpha}, p={cfg.merge.drop_rate})")
         return ModelRef(str(folder), _fp_of(folder))

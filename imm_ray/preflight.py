@@ -141,14 +141,14 @@ def _load(field: str, name: str, split: str, data_dir: str | None, limit: int | 
     return problems
 
 
-def _prompts(config: ExperimentConfig, set_name: str, problems: list[Problem]) -> list[str]:
+def _prompts(config: ExperimentConfig, set_name: str, problems: list[Problem], model_path: str) -> list[str]:
     from imm_ray.data.prompts import make_prompter
 
     tokenizer = None
     if config.data.chat_template:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(config.model.resolved_path())
+        tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=config.model.trust_remote_code)
     prompter = make_prompter(
         set_name, num_shots=config.data.num_shots, seed=config.experiment.seed, data_dir=config.data.data_dir,
         chat_template_tokenizer=tokenizer,
@@ -223,8 +223,8 @@ def prepare_run(config: ExperimentConfig, *, with_training_data: bool = True) ->
         engine_kind = resolve_engine_kind(cfg.generation.engine)
     except RuntimeError as error:
         raise PreflightError(f"generation.engine: {error}") from None
-    train_prompts = _prompts(cfg, data.train_set, train) if train else []
-    eval_prompts = {name: _prompts(cfg, name, probs) for name, probs in eval_sets.items()}
+    train_prompts = _prompts(cfg, data.train_set, train, base_path) if train else []
+    eval_prompts = {name: _prompts(cfg, name, probs, base_path) for name, probs in eval_sets.items()}
     return PreparedRun(
         config=cfg, base=base, teacher=teacher,
         train_problems=train, train_prompts=train_prompts, eval_sets=eval_sets, eval_prompts=eval_prompts,
