@@ -61,10 +61,10 @@ class DataSection(_Section):
     train_set: str = "toy_id"
     train_split: str = "train"
     train_path: str | None = None  # a local file instead of the registry's default source
-    train_limit: int | None = Field(300, ge=1)
+    train_limit: int | None = Field(240, ge=1)
     eval_sets: tuple[str, ...] = ("toy_id", "toy_ood_compare", "toy_ood_distractor")
     eval_split: str = "test"
-    eval_limit: int | None = Field(64, ge=1)
+    eval_limit: int | None = Field(48, ge=1)
     data_dir: str | None = None
     num_shots: int = Field(0, ge=0, le=20)
     chat_template: bool = False
