@@ -43,15 +43,17 @@ def results_table(rows: Sequence[dict], id_set: str, metric: str) -> pd.DataFram
     return table
 
 
+def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A markdown table of already formatted cells: the first column left-aligned, the others right-aligned."""
+    lines = ["| " + " | ".join(map(str, columns)) + " |", "|" + "|".join(["---"] + ["---:"] * (len(columns) - 1)) + "|"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    return "\n".join(lines)
+
+
 def to_markdown(table: pd.DataFrame) -> str:
     shown = table.drop(columns=["strategy", "iteration", "role"])
-    header = "| " + " | ".join(shown.columns) + " |"
-    rule = "|" + "|".join(["---"] + ["---:"] * (len(shown.columns) - 1)) + "|"
-    lines = [header, rule]
-    for _, row in shown.iterrows():
-        cells = [str(row["model"])] + [f"{row[c]:.1f}" for c in shown.columns[1:]]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    rows = [[str(row["model"])] + [f"{row[c]:.1f}" for c in shown.columns[1:]] for _, row in shown.iterrows()]
+    return markdown_table(list(shown.columns), rows)
 
 
 def trajectory(table: pd.DataFrame, strategy: str, column: str) -> tuple[list[int], list[float]]:
@@ -146,11 +148,8 @@ def layer_section(rows: Sequence[dict], run_dir: Path) -> str:
         table = layer_table(rows, file, column)
         if table is None:
             continue
-        header = "| " + " | ".join(table.columns) + " |"
-        rule = "|" + "|".join(["---"] + ["---:"] * (len(table.columns) - 1)) + "|"
-        body = ["| " + " | ".join([str(r["model"])] + [f"{r[c]:.{digits}g}" for c in table.columns[1:]]) + " |"
-                for _, r in table.iterrows()]
-        parts.append(f"### {title}\n\n" + "\n".join([header, rule, *body]) + "\n")
+        cells = [[str(r["model"])] + [f"{r[c]:.{digits}g}" for c in table.columns[1:]] for _, r in table.iterrows()]
+        parts.append(f"### {title}\n\n" + markdown_table(list(table.columns), cells) + "\n")
     if not parts:
         return ""
     note = ("Per-model CSVs and bar plots: `<strategy>/iter_<t>/analysis_{sft,merge}/` "

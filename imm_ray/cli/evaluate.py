@@ -87,8 +87,7 @@ def _run(config, out: Path):
 
 
 def _markdown(metrics) -> str:
-    columns = list(metrics.columns)
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    for _, row in metrics.iterrows():
-        lines.append("| " + " | ".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row) + " |")
-    return "\n".join(lines) + "\n"
+    from imm_ray.report import markdown_table
+
+    rows = [[f"{v:.4f}" if isinstance(v, float) else str(v) for v in row] for row in metrics.itertuples(index=False)]
+    return markdown_table(list(metrics.columns), rows) + "\n"

@@ -36,3 +36,14 @@ def test_report_files(tmp_path):
     assert ALPHA_CONVENTION in text and "| Base |" in text and "IMM · Merge_0" in text
     assert (tmp_path / "accuracy_over_iterations.png").stat().st_size > 1000
     assert (tmp_path / "results_pass@4.csv").is_file()
+
+
+def test_layer_section_tabulates_weight_change_and_importance(tmp_path):
+    folder = tmp_path / "analysis"
+    folder.mkdir()
+    pd.DataFrame({"layer": [0, 1], "weight_change": [0.5, 0.75]}).to_csv(folder / "weight_change.csv", index=False)
+    pd.DataFrame({"layer": [0, 1], "importance": [1.5, 0.25]}).to_csv(folder / "importance.csv", index=False)
+    rows = [{**ROWS[0], "analysis": None}, {**ROWS[1], "analysis": folder}]
+    write_report(tmp_path, rows, "toy_id", (1,))
+    text = (tmp_path / "report.md").read_text()
+    assert "| IMM · SFT_0 | 0.5 | 0.75 |" in text and "| IMM · SFT_0 | 1.5 | 0.25 |" in text
