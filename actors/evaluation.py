@@ -9,20 +9,27 @@ import pandas as pd
 from actors.engines import EngineSpec
 from actors.generation import PoolSpec, SamplingPlan, generate_samples
 from imm_ray.data.records import Problem
-from imm_ray.metrics import pass_at_k
+from imm_ray.stats import BOOTSTRAP_METHOD, percentile_estimate, question_counts, set_scores
+
+INTERVAL_METHOD = BOOTSTRAP_METHOD  # what pass@k_low / pass@k_high are: 95% interval over the set's questions
 
 
 def evaluate_samples(samples: pd.DataFrame, ks: Sequence[int]) -> pd.DataFrame:
-    """Per-set pass@k (the unbiased estimator, averaged over questions) from graded samples."""
-    per_question = samples.groupby(["set_name", "question_id"], sort=False)["correct"].agg(["size", "sum"])
-    rows = []
-    for set_name, group in per_question.groupby(level="set_name", sort=False):
-        row: dict[str, object] = {"set": set_name, "questions": len(group), "samples": int(group["size"].min())}
-        for k in ks:
-            scores = [pass_at_k(int(m), int(c), k) for m, c in zip(group["size"], group["sum"])]
-            row[f"pass@{k}"] = sum(scores) / len(scores)
-        rows.append(row)
-    return pd.DataFrame(rows)
+    """Per-set pass@k (the unbiased estimator, averaged over questions) with its 95% interval from graded samples.
+
+    Columns: set, questions, samples (per question, the fewest any question has), then for each k pass@k,
+    pass@k_low, pass@k_high (fractions; the interval is imm_ray.stats' percentile bootstrap over questions).
+    """
+    counts = question_counts(samples)
+    rows: dict[str, dict[str, object]] = {}
+    for set_name, group in counts.groupby(level="set_name", sort=False):
+        rows[str(set_name)] = {"set": set_name, "questions": len(group), "samples": int(group["samples"].min())}
+    for k in ks:
+        for set_name, scores in set_scores(counts, k).items():
+            result = percentile_estimate({set_name: scores})
+            rows[set_name].update({f"pass@{k}": result.value, f"pass@{k}_low": result.low,
+                                   f"pass@{k}_high": result.high})
+    return pd.DataFrame(list(rows.values()))
 
 
 def evaluate_model(

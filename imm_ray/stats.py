@@ -80,6 +80,21 @@ def question_scores(num_samples: Sequence[int], num_correct: Sequence[int], k: i
     return np.array([pass_at_k(int(m), int(c), k) for m, c in zip(num_samples, num_correct)], dtype=float)
 
 
+def question_counts(samples: pd.DataFrame) -> pd.DataFrame:
+    """Per (set_name, question_id): how many samples and how many correct, from graded sample rows."""
+    grouped = samples.groupby(["set_name", "question_id"], sort=False)["correct"]
+    return pd.DataFrame({"samples": grouped.size(), "correct": grouped.sum().astype(int)})
+
+
+def set_scores(counts: pd.DataFrame, k: int) -> dict[str, pd.Series]:
+    """Each set's per-question pass@k, indexed by question id, from :func:`question_counts`."""
+    return {
+        str(name): pd.Series(question_scores(group["samples"], group["correct"], k),
+                             index=group.index.get_level_values("question_id"))
+        for name, group in counts.groupby(level="set_name", sort=False)
+    }
+
+
 def wilson_interval(successes: int, trials: int, level: float = LEVEL) -> tuple[float, float]:
     """The Wilson score interval of a binomial proportion: for pass@1 with one sample per question."""
     if trials < 1 or not 0 <= successes <= trials:

@@ -46,7 +46,7 @@ def evaluate(
                          num_shots, engine, actors, seed)
         with ray_session():
             metrics = _run(config, out)
-    console.print(_markdown(metrics))
+    console.print(_markdown(metrics), markup=False)
     console.print(f"written to {out}")
 
 
@@ -69,7 +69,7 @@ def _config(model, names, data_dir, split, samples, ks, limit, temperature, max_
 def _run(config, out: Path):
     import json
 
-    from actors.evaluation import evaluate_model
+    from actors.evaluation import INTERVAL_METHOD, evaluate_model
     from imm_ray.preflight import prepare_eval
 
     prepared = prepare_eval(config)
@@ -81,13 +81,27 @@ def _run(config, out: Path):
     samples.to_parquet(out / "samples.parquet", index=False)
     metrics.to_csv(out / "metrics.csv", index=False)
     for record in metrics.to_dict(orient="records"):
-        (out / f"{record['set']}.json").write_text(json.dumps({**record, "model": str(config.model.path)}, indent=2))
+        (out / f"{record['set']}.json").write_text(json.dumps(
+            {**record, "model": str(config.model.path), "interval": f"95% {INTERVAL_METHOD}"}, indent=2))
     (out / "metrics.md").write_text(_markdown(metrics))
     return metrics
 
 
 def _markdown(metrics) -> str:
+    """pass@k in percent as ``value [low, high]`` per set, with its counts and the interval method stated."""
+    from actors.evaluation import INTERVAL_METHOD
     from imm_ray.report import markdown_table
 
-    rows = [[f"{v:.4f}" if isinstance(v, float) else str(v) for v in row] for row in metrics.itertuples(index=False)]
-    return markdown_table(list(metrics.columns), rows) + "\n"
+    ks = [c for c in metrics.columns if c.startswith("pass@") and not c.endswith(("_low", "_high"))]
+    rows = [[str(row["set"]), f"{int(row['questions'])} × {int(row['samples'])}",
+             *[_cell(row, k) for k in ks]] for _, row in metrics.iterrows()]
+    table = markdown_table(["set", "questions × samples", *[f"{k} (%)" for k in ks]], rows)
+    return (f"{table}\n\n95% intervals in brackets: {INTERVAL_METHOD}; pass@k is the unbiased estimator "
+            "averaged over each set's questions.\n")
+
+
+def _cell(row, k: str) -> str:
+    value = f"{100 * row[k]:.1f}"
+    if f"{k}_low" not in row:
+        return value
+    return f"{value} [{100 * row[f'{k}_low']:.1f}, {100 * row[f'{k}_high']:.1f}]"
