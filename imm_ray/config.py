@@ -27,11 +27,39 @@ class _Section(BaseModel):
 
 
 class ExperimentSection(_Section):
+    """``seeds`` are replicates: the experiment runs once per seed, and a seed fixes the sampling of training
+    answers, the SFT data order and every DARE mask. What is measured (the evaluation questions, their
+    sampling seed ``eval.seed``, the training questions ``data.seed`` picks) is the same for every seed, so the
+    base model's evaluation is shared and replicates compare on the same questions. ``seed: S`` means
+    ``seeds: [S]``."""
+
     name: str = Field("toy", pattern=r"^[A-Za-z0-9_.\-]+$")
-    seed: int = 0
+    seeds: tuple[int, ...] = (0,)
     output_dir: str = "runs"
     iterations: int = Field(3, ge=1, le=100)
     strategies: tuple[StrategyName, ...] = ("imm", "vanilla")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _single_seed(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and "seed" in raw:
+            if "seeds" in raw:
+                raise ValueError("give experiment.seeds or experiment.seed, not both")
+            raw = {**raw, "seeds": [raw["seed"]]}
+            del raw["seed"]
+        return raw
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if not value or len(set(value)) != len(value):
+            raise ValueError("seeds must be a non-empty list without repeats")
+        return value
+
+    @property
+    def seed(self) -> int:
+        """The first seed (what seeds a search algorithm; a single-seed run's seed)."""
+        return self.seeds[0]
 
     @field_validator("strategies")
     @classmethod
@@ -66,12 +94,17 @@ class DataSection(_Section):
     eval_split: str = "test"
     eval_limit: int | None = Field(48, ge=1)
     data_dir: str | None = None
-    num_shots: int = Field(0, ge=0, le=20)
-    chat_template: bool = False
+    chat_template: bool = False  # prompts (sampling, SFT and evaluation alike) go through the model's chat template
+    seed: int = 0  # which questions train_limit / eval_limit pick, and which few-shot exemplars are drawn
+    mixture_share: float = Field(0.5, ge=0, le=1)  # data mixture: share of the previous iteration's kept pairs
 
 
 class GenerationSection(_Section):
+    """Sampling the training answers. ``num_shots`` exemplars steer sampling only (the paper uses 10); the kept
+    answers are trained on the zero-shot prompt, the format evaluation uses by default."""
+
     engine: Literal["auto", "transformers", "vllm"] = "auto"
+    num_shots: int = Field(0, ge=0, le=20)
     samples_per_question: int = Field(4, ge=1, le=256)
     temperatures: tuple[float, ...] = (0.2, 0.4, 0.6)
     top_p: float = Field(1.0, gt=0, le=1)
@@ -106,7 +139,6 @@ class SFTSection(_Section):
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     zero_stage: Literal[0, 1, 2, 3] = 3
     checkpoint_every_steps: int | None = Field(None, ge=1)  # Ray Train checkpoints besides each epoch end
-    mixture_share: float = Field(0.5, ge=0, le=1)  # data mixture: share of the previous iteration's kept data
 
 
 class MergeSection(_Section):
@@ -121,7 +153,13 @@ class MergeSection(_Section):
 
 
 class EvalSection(_Section):
+    """pass@k over ``samples`` answers per question. ``num_shots`` defaults to 0: the zero-shot prompt the
+    fine-tuned models are trained on (the paper's own evaluation is zero-shot CoT). ``seed`` fixes the
+    evaluation's sampling, the same for every experiment seed."""
+
     samples: int = Field(4, ge=1, le=1000)
+    num_shots: int = Field(0, ge=0, le=20)
+    seed: int = 0
     temperature: float = Field(0.6, ge=0, le=2)
     k: tuple[int, ...] = (1, 4)
     max_new_tokens: int | None = None  # default: generation.max_new_tokens

@@ -12,16 +12,23 @@ from typing import TYPE_CHECKING
 
 from imm_ray.config import ExperimentConfig
 from imm_ray.data.records import Problem
-from imm_ray.stages import fingerprint, model_fingerprint
+from imm_ray.stages import model_fingerprint
 
 if TYPE_CHECKING:
     from actors.engines import EngineSpec
     from actors.generation import PoolSpec, SamplingPlan
-    from imm_ray.loop import ModelRef
 
 
 class PreflightError(ValueError):
     """A problem with the run's inputs found before any expensive work; the message names the field."""
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model the preflight resolved: its local folder and its content fingerprint."""
+
+    path: str
+    fingerprint: str
 
 
 def resolve_model(field: str, path: str, trust_remote_code: bool) -> str:
@@ -59,17 +66,22 @@ def check_model_folder(field: str, folder: Path) -> None:
 
 @dataclass
 class PreparedRun:
+    """The checked inputs of a run: models, questions, and the prompts in each of the run's three uses.
+
+    ``train_prompts`` steer the sampling of training answers (``generation.num_shots`` exemplars);
+    ``sft_prompts`` are what SFT trains on and what evaluation asks by default (zero-shot, through the chat
+    template where ``data.chat_template`` is on); ``eval_prompts`` are the evaluation's (``eval.num_shots``).
+    """
+
     config: ExperimentConfig
     base: ModelRef
     teacher: ModelRef | None
     train_problems: list[Problem]
     train_prompts: list[str]
+    sft_prompts: dict[str, str]  # question id -> the prompt its kept answers are trained on
     eval_sets: dict[str, list[Problem]]
     eval_prompts: dict[str, list[str]]
     engine_kind: str
-    train_fingerprint: str
-    eval_fingerprint: str
-    importance_fingerprint: str
 
     def engine_spec(self, model_path: str) -> EngineSpec:
         from actors.engines import EngineSpec
@@ -98,7 +110,7 @@ class PreparedRun:
         return SamplingPlan(
             samples_per_question=ev.samples, temperatures=(ev.temperature,),
             max_new_tokens=ev.max_new_tokens or gen.max_new_tokens, top_p=gen.top_p,
-            questions_per_batch=gen.questions_per_batch, seed=self.config.experiment.seed,
+            questions_per_batch=gen.questions_per_batch, seed=ev.seed,
         )
 
     @property
@@ -112,16 +124,17 @@ class PreparedRun:
         )
 
     def importance_pairs(self) -> list[tuple[str, str]]:
-        """(prompt, reference response) pairs IIMM's layer importance is computed on."""
-        from imm_ray.data.prompts import build_prompt, reference_response
+        """(prompt, reference response) pairs the layer importance is computed on, in the SFT prompt format."""
+        from imm_ray.data.prompts import reference_response
 
         cfg = self.config
         name = cfg.merge.importance_set or cfg.data.train_set
         problems = _load(
             "merge.importance_set", name, cfg.data.train_split, cfg.data.data_dir, cfg.merge.importance_limit,
-            cfg.experiment.seed, cfg.data.train_path if name == cfg.data.train_set else None,
+            cfg.data.seed, cfg.data.train_path if name == cfg.data.train_set else None,
         )
-        pairs = [(build_prompt(p.question), reference_response(p)) for p in problems]
+        prompt = _prompter(cfg, name, 0, self.base.path)
+        pairs = [(prompt(p), reference_response(p)) for p in problems]
         pairs = [(q, r) for q, r in pairs if r]
         if not pairs:
             raise PreflightError(f"merge.importance_set: {name} has no reference solutions to compute importance on")
@@ -141,7 +154,9 @@ def _load(field: str, name: str, split: str, data_dir: str | None, limit: int | 
     return problems
 
 
-def _prompts(config: ExperimentConfig, set_name: str, problems: list[Problem], model_path: str) -> list[str]:
+def _prompter(config: ExperimentConfig, set_name: str, num_shots: int, model_path: str):
+    """The prompt of each problem of a set: ``num_shots`` exemplars drawn with ``data.seed``, in the chat template
+    of the base model's tokenizer when ``data.chat_template`` is on."""
     from imm_ray.data.prompts import make_prompter
 
     tokenizer = None
@@ -149,10 +164,15 @@ def _prompts(config: ExperimentConfig, set_name: str, problems: list[Problem], m
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=config.model.trust_remote_code)
-    prompter = make_prompter(
-        set_name, num_shots=config.data.num_shots, seed=config.experiment.seed, data_dir=config.data.data_dir,
+    return make_prompter(
+        set_name, num_shots=num_shots, seed=config.data.seed, data_dir=config.data.data_dir,
         chat_template_tokenizer=tokenizer,
     )
+
+
+def _prompts(config: ExperimentConfig, set_name: str, problems: list[Problem], model_path: str,
+             num_shots: int) -> list[str]:
+    prompter = _prompter(config, set_name, num_shots, model_path)
     return [prompter(problem) for problem in problems]
 
 
@@ -200,7 +220,6 @@ def prepare_eval(config: ExperimentConfig) -> PreparedRun:
 def prepare_run(config: ExperimentConfig, *, with_training_data: bool = True) -> PreparedRun:
     """Resolve models, load data and check resources; raise :class:`PreflightError` on the first problem."""
     from actors.engines import resolve_engine_kind
-    from imm_ray.loop import ModelRef
 
     cfg, data = config, config.data
     base_path = resolve_model("model.path", cfg.model.resolved_path(), cfg.model.trust_remote_code)
@@ -209,7 +228,7 @@ def prepare_run(config: ExperimentConfig, *, with_training_data: bool = True) ->
     if cfg.model.teacher is not None:
         teacher_path = resolve_model("model.teacher", cfg.model.resolved_teacher(), cfg.model.trust_remote_code)
         teacher = ModelRef(teacher_path, model_fingerprint(teacher_path))
-    seed = cfg.experiment.seed
+    seed = data.seed
     train = (
         _load("data.train_set", data.train_set, data.train_split, data.data_dir, data.train_limit, seed, data.train_path)
         if with_training_data else []
@@ -223,22 +242,10 @@ def prepare_run(config: ExperimentConfig, *, with_training_data: bool = True) ->
         engine_kind = resolve_engine_kind(cfg.generation.engine)
     except RuntimeError as error:
         raise PreflightError(f"generation.engine: {error}") from None
-    train_prompts = _prompts(cfg, data.train_set, train, base_path) if train else []
-    eval_prompts = {name: _prompts(cfg, name, probs, base_path) for name, probs in eval_sets.items()}
+    train_prompts = _prompts(cfg, data.train_set, train, base_path, cfg.generation.num_shots) if train else []
+    sft_prompts = dict(zip([p.id for p in train], _prompts(cfg, data.train_set, train, base_path, 0))) if train else {}
+    eval_prompts = {name: _prompts(cfg, name, probs, base_path, cfg.eval.num_shots) for name, probs in eval_sets.items()}
     return PreparedRun(
-        config=cfg, base=base, teacher=teacher,
-        train_problems=train, train_prompts=train_prompts, eval_sets=eval_sets, eval_prompts=eval_prompts,
-        engine_kind=engine_kind,
-        train_fingerprint=_content_fingerprint({data.train_set: train}, {data.train_set: train_prompts}),
-        eval_fingerprint=_content_fingerprint(eval_sets, eval_prompts),
-        importance_fingerprint=fingerprint({"set": cfg.merge.importance_set or data.train_set,
-                                            "limit": cfg.merge.importance_limit, "seed": seed}),
+        config=cfg, base=base, teacher=teacher, train_problems=train, train_prompts=train_prompts,
+        sft_prompts=sft_prompts, eval_sets=eval_sets, eval_prompts=eval_prompts, engine_kind=engine_kind,
     )
-
-
-def _content_fingerprint(sets: dict[str, list[Problem]], prompts: dict[str, list[str]]) -> str:
-    """Identify data by what the model sees and is graded against, so an edited data file is never reused."""
-    return fingerprint({
-        name: [[p.id, prompt, p.answer, list(p.choices or ())] for p, prompt in zip(problems, prompts[name])]
-        for name, problems in sets.items()
-    })

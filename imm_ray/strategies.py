@@ -8,7 +8,7 @@ Every strategy runs through the same loop (imm_ray/loop.py); a strategy only dec
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -67,3 +67,19 @@ def select_sft_pairs(
         raise ValueError(f"unknown data policy {policy!r}")
     merged = pd.concat(frames, ignore_index=True)
     return merged.drop_duplicates(subset=["question_id", "response"], keep="last").reset_index(drop=True)
+
+
+def kept_pairs(samples: pd.DataFrame, iteration: int, prompts: Mapping[str, str]) -> pd.DataFrame:
+    """The correct samples of one generation as SFT pairs, deduplicated.
+
+    Each pair's prompt is ``prompts[question_id]``: the zero-shot prompt (through the chat template where the
+    run uses one), the format evaluation uses, so the model learns to answer the bare question; few-shot
+    exemplars only steer sampling.
+    """
+    kept = samples[samples["correct"]].copy()
+    kept["response"] = kept["completion"].str.strip()
+    kept = kept[kept["response"] != ""]
+    kept["prompt"] = [prompts[question_id] for question_id in kept["question_id"]]
+    kept["iteration"] = iteration
+    kept = kept.drop_duplicates(subset=["question_id", "response"])
+    return kept[PAIR_COLUMNS].reset_index(drop=True)

@@ -119,7 +119,8 @@ def test_paper_config_has_the_papers_settings(name):
     assert "imm" in cfg.experiment.strategies
     assert cfg.data.train_set == setup.train_set and cfg.data.eval_sets == (setup.train_set, *OOD_SETS)
     assert cfg.data.train_limit is None and cfg.data.eval_limit is None
-    assert cfg.data.num_shots == 10 and cfg.data.chat_template == setup.chat_template
+    assert cfg.generation.num_shots == 10 and cfg.eval.num_shots == 0  # exemplars steer sampling; eval is zero-shot
+    assert cfg.data.chat_template == setup.chat_template
     generation = cfg.generation
     assert generation.engine == "vllm" and generation.samples_per_question == setup.k
     assert generation.temperatures == (0.2, 0.4, 0.6)
@@ -165,11 +166,11 @@ def test_paper_config_fits_the_gpu_group(name, cluster):
 
 
 def _sft_job(cfg: ExperimentConfig) -> SFTJob:
-    """The SFT job as imm_ray/loop.py builds it from a config."""
+    """The SFT job as imm_ray/steps.py's FineTune builds it from a config."""
     res = cfg.resources
     return SFTJob(
         model_path=cfg.model.resolved_path(), data_path="pairs.parquet", output_dir="sft", storage_path="ray",
         seed=cfg.experiment.seed, trust_remote_code=cfg.model.trust_remote_code, num_workers=res.sft_workers,
         min_workers=res.sft_min_workers, cpus_per_worker=res.cpus_per_sft_worker, use_gpu=res.use_gpu,
-        max_failures=res.sft_max_failures, **cfg.sft.model_dump(exclude={"mixture_share"}),
+        max_failures=res.sft_max_failures, **cfg.sft.model_dump(),
     )

@@ -49,7 +49,7 @@ def _sft_job(**fields) -> SFTJob:
 def test_the_paper_settings_make_the_checked_in_zero3_json():
     """configs/deepspeed/zero3.json is what the code builds for the config's default (paper) SFT settings."""
     paper = SFTSection()
-    job = _sft_job(**paper.model_dump(exclude={"mixture_share"}))
+    job = _sft_job(**paper.model_dump())
     expected = json.loads((Path(__file__).parents[2] / "configs" / "deepspeed" / "zero3.json").read_text())
     assert deepspeed_config(job) == expected
     assert (paper.epochs, paper.per_device_batch_size, paper.gradient_accumulation_steps) == (3, 4, 4)

@@ -90,3 +90,62 @@ def test_leftover_of_a_stage_being_written_elsewhere_is_kept(tmp_path):
         fcntl.flock(handle, fcntl.LOCK_EX)
         assert store.clean_leftovers() == []
     assert store.clean_leftovers() == [busy]
+
+
+WRITER = """
+import sys, time
+from pathlib import Path
+from imm_ray.merge.tensors import staged_folder
+from imm_ray.stages import StageStore
+
+cache, ready, go = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+
+def work(out):
+    with staged_folder(out, overwrite=False) as staging:  # the merge's own staging folder, beside ``out``
+        (staging / "model.safetensors").write_text("weights")
+        ready.write_text("writing")
+        while not go.exists():
+            time.sleep(0.05)
+    return {"ok": True}
+
+StageStore(cache).run("merge", "f" * 20, work)
+"""
+
+CLEANER = """
+import sys
+from imm_ray.stages import StageStore
+print(len(StageStore(sys.argv[1]).clean_leftovers()))
+"""
+
+
+def test_a_second_process_never_deletes_a_stage_another_process_is_writing(tmp_path):
+    """Two processes share one cache: while the first writes a merge stage (its temporary folder and the merge's
+    nested staging folder exist), the second starts up and cleans leftovers; nothing of the first is removed."""
+    import subprocess
+    import sys
+    import time
+
+    ready, go = tmp_path / "ready", tmp_path / "go"
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), str(ready), str(go)])
+    try:
+        deadline = time.time() + 60
+        while not ready.exists() and time.time() < deadline and writer.poll() is None:
+            time.sleep(0.05)
+        assert ready.exists(), "the writer did not start"
+        in_progress = sorted(p.name for p in (tmp_path / "_stages").iterdir() if p.is_dir())
+        assert any(".partial-" in name for name in in_progress) and any(".tmp-" in name for name in in_progress)
+        cleaned = subprocess.run([sys.executable, "-c", CLEANER, str(tmp_path)], capture_output=True, text=True,
+                                 check=True)
+        assert cleaned.stdout.strip() == "0"
+        assert sorted(p.name for p in (tmp_path / "_stages").iterdir() if p.is_dir()) == in_progress
+        go.write_text("go")
+        assert writer.wait(timeout=60) == 0
+    finally:
+        writer.kill()
+    store = StageStore(tmp_path)
+    assert store.is_done("merge", "f" * 20)
+    assert (store.folder("merge", "f" * 20) / "model.safetensors").read_text() == "weights"
+    # a killed writer's leftovers (no lock held any more) are cleaned
+    (store.cache_dir / f".merge-{'e' * 20}.tmp-1234abcd").mkdir()
+    (store.cache_dir / f"..merge-{'e' * 20}.tmp-1234abcd.partial-99").mkdir()
+    assert len(store.clean_leftovers()) == 2

@@ -23,11 +23,13 @@ from imm_ray.loop import IterationLoop
 from imm_ray.stages import RECORD_NAME
 
 pytestmark = pytest.mark.integration
+SEED = "seed_0"
 
 SMALL = [
     "experiment.iterations=1", "experiment.strategies=[imm, vanilla]",
     "data.train_limit=24", "data.eval_limit=8", "generation.samples_per_question=2",
-    "generation.temperatures=[0.6]", "eval.samples=2", "eval.k=[1,2]", "sft.epochs=1",
+    "generation.temperatures=[0.6]", "eval.samples=2", "eval.k=[1,2]", "sft.epochs=2",
+    "sft.checkpoint_every_steps=1",  # so that a run killed mid-SFT has a checkpoint to resume from
 ]
 
 
@@ -66,12 +68,12 @@ def test_one_iteration_runs_every_stage_once(finished_run):
     assert len(_stage_folders(run_dir, "merge")) == 1
     assert len(_stage_folders(run_dir, "eval")) == 3  # base, SFT_0, Merge_0
     for strategy in ("imm", "vanilla"):
-        assert (run_dir / strategy / "iter_0" / "generate").resolve() == _stage_folders(run_dir, "generate")[0]
-    samples = pd.read_parquet(run_dir / "imm" / "iter_0" / "generate" / "samples.parquet")
+        assert (run_dir / SEED / strategy / "iter_0" / "generate").resolve() == _stage_folders(run_dir, "generate")[0]
+    samples = pd.read_parquet(run_dir / SEED / "imm" / "iter_0" / "generate" / "samples.parquet")
     assert len(samples) == 24 * 2 and samples["correct"].any()
-    pairs = pd.read_parquet(run_dir / "imm" / "iter_0" / "sft_data" / "pairs.parquet")
+    pairs = pd.read_parquet(run_dir / SEED / "imm" / "iter_0" / "sft_data" / "pairs.parquet")
     assert len(pairs) <= samples["correct"].sum()
-    assert json.loads((run_dir / "imm" / "iter_0" / "sft" / "training_log.json").read_text())["world_size"] == 2
+    assert json.loads((run_dir / SEED / "imm" / "iter_0" / "sft" / "training_log.json").read_text())["world_size"] == 2
     report = (run_dir / "report.md").read_text()
     assert "IMM · Merge_0" in report and "STaR (vanilla) · SFT_0" in report and "weight of the ORIGINAL base" in report
     assert (run_dir / "accuracy_over_iterations.png").stat().st_size > 5000
@@ -79,9 +81,9 @@ def test_one_iteration_runs_every_stage_once(finished_run):
 
 def test_merged_model_is_alpha_between_base_and_sft(finished_run):
     """With p = 0.2 the merge is not a plain average, but every merged entry lies within the DARE envelope."""
-    merged = _tensors(finished_run / "imm" / "iter_0" / "merge")
+    merged = _tensors(finished_run / SEED / "imm" / "iter_0" / "merge")
     base = _tensors(Path(load_config(Path("configs/toy.yaml")).model.resolved_path()))
-    sft = _tensors(finished_run / "imm" / "iter_0" / "sft")
+    sft = _tensors(finished_run / SEED / "imm" / "iter_0" / "sft")
     name = next(n for n in merged if n.endswith("mlp.down_proj.weight"))
     delta = sft[name] - base[name]
     kept = 0.5 * base[name] + 0.5 * (base[name] + delta / 0.8)
@@ -97,19 +99,21 @@ def test_rerun_reuses_every_stage(finished_run):
     assert _records(finished_run) == before
 
 
-def test_killed_mid_sft_resumes_to_the_same_results(finished_run, ray_cluster, tmp_path):
-    """Kill the whole `imm-ray run` process while SFT trains, run it again: it finishes, the finished generation
-    stage is not redone, and the results equal the uninterrupted run's."""
+def test_killed_mid_sft_resumes_from_its_checkpoint_to_the_same_results(finished_run, ray_cluster, tmp_path):
+    """Kill the whole `imm-ray run` process (SIGKILL) once SFT has written a checkpoint, run the same command
+    again: the finished generation is not redone, SFT resumes from the checkpoint Ray Train wrote (fewer
+    optimizer steps redone), and the results equal the uninterrupted run's."""
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
     command = [sys.executable, "-m", "imm_ray", "run", "configs/toy.yaml",
                *[f"--set={o}" for o in _overrides(tmp_path)]]
     run_dir = tmp_path / "it"
+    train_storage = run_dir / "_stages" / "_ray_train"
     process = subprocess.Popen(command, env=env, start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait_for(lambda: list((run_dir / "_ray_train").glob("sft-*")) if (run_dir / "_ray_train").exists() else [],
+        _wait_for(lambda: list(train_storage.glob("sft-*/checkpoint_*")) if train_storage.exists() else [],
                   process, timeout=400)
-        time.sleep(3)
+        time.sleep(1)
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
@@ -120,10 +124,15 @@ def test_killed_mid_sft_resumes_to_the_same_results(finished_run, ray_cluster, t
 
     assert _records(run_dir)[_stage_folders(run_dir, "generate")[0].name] == generate_before
     assert not list((run_dir / "_stages").glob(".*.tmp-*"))
-    for folder in ("base/eval", "imm/iter_0/eval_sft", "imm/iter_0/eval_merge"):
+    log = json.loads((run_dir / SEED / "imm" / "iter_0" / "sft" / "training_log.json").read_text())
+    reference_log = json.loads((finished_run / SEED / "imm" / "iter_0" / "sft" / "training_log.json").read_text())
+    resumed_attempt = log["attempts"][-1]
+    assert resumed_attempt["resumed_from"] is not None and resumed_attempt["start_step"] > 0
+    assert log["optimizer_steps"] == reference_log["optimizer_steps"]
+    for folder in ("base/eval", f"{SEED}/imm/iter_0/eval_sft", f"{SEED}/imm/iter_0/eval_merge"):
         assert (run_dir / folder / "metrics.csv").read_text() == (finished_run / folder / "metrics.csv").read_text()
-    resumed = _tensors(run_dir / "imm" / "iter_0" / "merge")
-    reference = _tensors(finished_run / "imm" / "iter_0" / "merge")
+    resumed = _tensors(run_dir / SEED / "imm" / "iter_0" / "merge")
+    reference = _tensors(finished_run / SEED / "imm" / "iter_0" / "merge")
     assert all((resumed[name] == reference[name]).all() for name in reference)
 
 
