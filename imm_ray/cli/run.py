@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -33,10 +34,26 @@ def run(
 
 
 def _rich_table(frame, title: str) -> Table:
-    table = Table(title=title)
-    shown = frame.drop(columns=["strategy", "iteration", "role"])
-    for column in shown.columns:
-        table.add_column(str(column), justify="left" if column == "model" else "right")
-    for _, row in shown.iterrows():
-        table.add_row(str(row["model"]), *[f"{row[c]:.1f}" for c in shown.columns[1:]])
+    """The report's first-k table: ``value [low, high]`` (95% interval, percent, whole points for the bounds so
+    four set columns fit 100 columns); the set names fold rather than the numbers."""
+    from imm_ray.report import HIGH, LOW, set_columns
+
+    table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False, collapse_padding=True)
+    table.add_column("model", overflow="fold")
+    names = set_columns(frame)
+    for column in names:
+        table.add_column(str(column), justify="right", overflow="fold")
+    for _, row in frame.iterrows():
+        table.add_row(str(row["model"]), *[_cell(row[c], row.get(c + LOW), row.get(c + HIGH)) for c in names])
+    table.caption = "value [95% interval, bounds in whole points], pooled over seeds; report.md says how"
     return table
+
+
+def _cell(value, low, high) -> str:
+    import math
+
+    if value is None or math.isnan(value):
+        return "–"
+    if low is None or math.isnan(low):
+        return f"{value:.1f}"
+    return f"{value:.1f} [{low:.0f}, {high:.0f}]"
