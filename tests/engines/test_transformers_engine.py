@@ -65,3 +65,32 @@ def test_stop_strings_never_appear_in_samples(engine: TransformersEngine) -> Non
 def test_greedy_with_n_returns_n_copies(engine: TransformersEngine) -> None:
     got = engine.generate(PROMPTS[:2], SamplingRequest(n=3, temperature=0, max_new_tokens=40, seed=0))
     assert got == [[memorised_rest(i)] * 3 for i in range(2)]
+
+
+def test_spec_resolves_auto_to_concrete_settings() -> None:
+    """The spec holds what the engine will run (so a fingerprint of it tells engines apart), never "auto"."""
+    spec = EngineSpec(kind="transformers", model_path="m")
+    assert spec.dtype in ("float32", "bfloat16", "float16") and spec.attention in ("sdpa", "eager")
+    assert EngineSpec(kind="transformers", model_path="m", dtype="auto") == spec
+    assert EngineSpec.model_validate(spec.model_dump(mode="json")) == spec
+    pinned = EngineSpec(kind="transformers", model_path="m", dtype="float32", attention="sdpa")
+    assert (pinned.dtype, pinned.attention) == ("float32", "sdpa")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_each_dtype_same_seed_same_samples(model_dir: Path, dtype: str) -> None:
+    built = make_engine(EngineSpec(kind="transformers", model_path=str(model_dir), dtype=dtype))
+    first = sample(built, seed=5, n=4)
+    assert sample(built, seed=5, n=4) == first
+    request = SamplingRequest(n=1, temperature=0, max_new_tokens=40, seed=0)
+    assert built.generate(PROMPTS, request) == [[memorised_rest(i)] for i in range(len(PROMPTS))]
+
+
+@pytest.mark.parametrize("kv_cache", ["preallocated", "static"])
+def test_kv_caches_give_the_dynamic_caches_samples_in_float32(model_dir: Path, kv_cache: str) -> None:
+    """The preallocated cache only changes where keys and values live, not the arithmetic."""
+    def engine_with(cache: str) -> TransformersEngine:
+        return make_engine(EngineSpec(kind="transformers", model_path=str(model_dir), dtype="float32",
+                                      attention="eager", kv_cache=cache))
+
+    assert sample(engine_with(kv_cache), seed=9, n=4) == sample(engine_with("dynamic"), seed=9, n=4)

@@ -32,7 +32,7 @@ def model_dir(vllm_installed: None, tmp_path_factory: pytest.TempPathFactory) ->
 
 @pytest.fixture(scope="module")
 def engine(model_dir: Path) -> Iterator[VLLMEngine]:
-    built = make_engine(EngineSpec(kind="vllm", model_path=str(model_dir), max_model_len=256))
+    built = make_engine(EngineSpec(kind="vllm", model_path=str(model_dir), max_model_len=256, dtype="float32"))
     assert isinstance(built, VLLMEngine)
     yield built
     built.close()
@@ -65,7 +65,7 @@ def sample(engine: VLLMEngine, prompts: tuple[str, ...], seed: int, n: int = 3) 
 
 
 def test_cpu_kwargs_size_the_kv_cache_and_load_float32() -> None:
-    spec = EngineSpec(kind="vllm", model_path="m", max_model_len=128, tensor_parallel_size=2)
+    spec = EngineSpec(kind="vllm", model_path="m", max_model_len=128, tensor_parallel_size=2, dtype="float32")
     kwargs = llm_kwargs(spec, on_cpu=True, kv_cache_bytes=CPU_KV_CACHE_BYTES)
     assert kwargs["kv_cache_memory_bytes"] == CPU_KV_CACHE_BYTES
     assert kwargs["enable_chunked_prefill"] is False
@@ -73,10 +73,10 @@ def test_cpu_kwargs_size_the_kv_cache_and_load_float32() -> None:
 
 
 def test_gpu_kwargs_leave_the_kv_cache_to_memory_utilization() -> None:
-    spec = EngineSpec(kind="vllm", model_path="m", gpu_memory_utilization=0.5)
+    spec = EngineSpec(kind="vllm", model_path="m", gpu_memory_utilization=0.5, dtype="bfloat16")
     kwargs = llm_kwargs(spec, on_cpu=False, kv_cache_bytes=CPU_KV_CACHE_BYTES)
     assert "kv_cache_memory_bytes" not in kwargs and "enable_chunked_prefill" not in kwargs
-    assert (kwargs["dtype"], kwargs["gpu_memory_utilization"]) == ("auto", 0.5)
+    assert (kwargs["dtype"], kwargs["gpu_memory_utilization"]) == ("bfloat16", 0.5)
 
 
 def test_sample_seeds_never_collide_across_prompts_and_requests() -> None:
@@ -90,7 +90,8 @@ def test_sample_seeds_never_collide_across_prompts_and_requests() -> None:
 def test_greedy_equals_the_transformers_engine(engine: VLLMEngine, model_dir: Path) -> None:
     """Both engines follow each memorised line to eos (margins of >6 logits, so rounding cannot flip a token)."""
     request = SamplingRequest(n=1, temperature=0, max_new_tokens=40, seed=0)
-    reference = make_engine(EngineSpec(kind="transformers", model_path=str(model_dir))).generate(PROMPTS, request)
+    reference = make_engine(EngineSpec(kind="transformers", model_path=str(model_dir), dtype="float32",
+                                       attention="sdpa")).generate(PROMPTS, request)
     got = engine.generate(PROMPTS, request)
     assert got == reference
     assert got == [[memorised_rest(i)] for i in range(len(PROMPTS))]
@@ -111,7 +112,7 @@ def test_toy_model_greedy_path_is_the_transformers_argmax(vllm_installed: None) 
     from imm_ray.data.prompts import build_prompt
     from imm_ray.data.toy import load_toy
 
-    toy = VLLMEngine(EngineSpec(kind="vllm", model_path=str(TOY_MODEL)), cpu_kv_cache_bytes=1 << 28)
+    toy = VLLMEngine(EngineSpec(kind="vllm", model_path=str(TOY_MODEL), dtype="float32"), cpu_kv_cache_bytes=1 << 28)
     try:
         for problem in load_toy("toy_id", "test", n=3):
             logprob_error, shortfall = teacher_forced_gaps(toy, TOY_MODEL, build_prompt(problem.question), 96)
