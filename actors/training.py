@@ -31,7 +31,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-IGNORE_INDEX = -100
+from imm_ray.tokens import IGNORE_INDEX
+
 TRAINING_LOG = "training_log.json"
 PROGRESS_FILE = "progress.json"
 STATE_PREFIX = "state-rank"
@@ -123,16 +124,6 @@ def deepspeed_config(job: SFTJob) -> dict[str, Any]:
     return config
 
 
-def tokenize_pair(tokenizer, prompt: str, response: str, max_length: int) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) with the prompt masked out; prompt and response are tokenised apart so the boundary
-    is exact, and the response ends with the end-of-sequence token so the model learns to stop."""
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    input_ids = (prompt_ids + response_ids)[:max_length]
-    labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:max_length]
-    return input_ids, labels
-
-
 def epoch_batches(
     size: int, *, seed: int, epoch: int, start: int, rank: int, world: int, batch_size: int
 ) -> list[list[int]]:
@@ -181,10 +172,13 @@ def _collate(batch: list[tuple[list[int], list[int]]], pad_id: int):
 
 
 def _load_examples(job: SFTJob, tokenizer) -> list[tuple[list[int], list[int]]]:
+    """The pairs as ids and labels, tokenised as generation and layer importance tokenise them (imm_ray.tokens)."""
     import pandas as pd
 
+    from imm_ray.tokens import encode_pair
+
     frame = pd.read_parquet(job.data_path, columns=["prompt", "response"])
-    return [tokenize_pair(tokenizer, p, r, job.max_length) for p, r in zip(frame["prompt"], frame["response"])]
+    return [encode_pair(tokenizer, p, r, job.max_length) for p, r in zip(frame["prompt"], frame["response"])]
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints

@@ -29,6 +29,8 @@ import pandas as pd
 import torch
 from safetensors import safe_open
 
+from imm_ray.tokens import encode_pair  # the one tokenising helper of generation, SFT and analysis
+
 LAYER_PATTERN = re.compile(r"^model\.layers\.(\d+)\..+\.weight$")
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -203,23 +205,6 @@ def _folder_of(files: dict[str, Path]) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------- importance
-
-
-def encode_pair(tokenizer, prompt: str, response: str, max_length: int) -> tuple[list[int], list[int]]:
-    """Input ids and labels of one (prompt, response) pair; labels are −100 on the prompt.
-
-    Prompt and response are tokenized separately and their ids concatenated, so no token straddles the
-    boundary and exactly the response's tokens (plus EOS where the tokenizer has one, as SFT trains the model
-    to stop) carry a label. The prompt gets the tokenizer's special tokens (a BOS where it adds one), the
-    response none. Truncation keeps the start and cuts the response's tail at ``max_length``.
-    """
-    prompt_ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
-    response_ids = list(tokenizer(response, add_special_tokens=False)["input_ids"])
-    if tokenizer.eos_token_id is not None:
-        response_ids.append(tokenizer.eos_token_id)
-    ids = (prompt_ids + response_ids)[:max_length]
-    labels = ([-100] * len(prompt_ids) + response_ids)[:max_length]
-    return ids, labels
 
 
 def layer_importance(

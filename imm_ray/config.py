@@ -262,6 +262,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return parts, value
 
 
+def seeds_override(seeds: str | None) -> list[str]:
+    """The ``--seeds 0,1,2`` option of ``imm-ray run`` and ``imm-ray sweep`` as a ``--set`` override."""
+    return [] if seeds is None else [f"experiment.seeds=[{seeds}]"]
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """A copy of ``raw`` with each override set; intermediate mappings are created as needed."""
     result = _deep_copy(raw)

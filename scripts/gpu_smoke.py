@@ -93,14 +93,14 @@ def held_out_loss(folder: Path, pairs: list[tuple[str, str]], device: str) -> fl
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from actors.training import tokenize_pair
+    from imm_ray.tokens import encode_pair
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to(device).eval()
     losses = []
     with torch.no_grad():
         for prompt, response in pairs:
-            ids, labels = tokenize_pair(tokenizer, prompt, response, max_length=128)
+            ids, labels = encode_pair(tokenizer, prompt, response, max_length=128)
             out = model(input_ids=torch.tensor([ids], device=device), labels=torch.tensor([labels], device=device))
             losses.append(out.loss.float().item())
     check(all(math.isfinite(x) for x in losses), f"{folder.name}: non-finite loss")

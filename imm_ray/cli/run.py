@@ -19,15 +19,17 @@ DEFAULT_CONFIG = Path("configs/toy.yaml")
 def run(
     config: Path = typer.Argument(DEFAULT_CONFIG, help="YAML experiment config (default: the embedded toy)."),
     overrides: list[str] = typer.Option([], "--set", help="Override a field, e.g. --set merge.alpha=0.3 (repeatable)."),
+    seeds: str | None = typer.Option(
+        None, "--seeds", help="Replicates, e.g. --seeds 0,1,2: the experiment runs once per seed (experiment.seeds)."),
 ) -> None:
     """Run T iterations of self-improvement for each strategy, then write runs/<name>/report.md."""
-    from imm_ray.config import load_config
+    from imm_ray.config import load_config, seeds_override
     from imm_ray.loop import IterationLoop
 
     console = Console()
     with user_errors():
         path = config if config.exists() or config != DEFAULT_CONFIG else None  # defaults = the toy config
-        cfg = load_config(path, overrides)
+        cfg = load_config(path, [*overrides, *seeds_override(seeds)])
         result = IterationLoop(cfg, console).run()
     console.print(_rich_table(result.table, f"pass@{cfg.eval.k[0]} (%)"))
     console.print(f"Report: {result.run_dir / 'report.md'}   wall time {result.seconds:.0f} s")

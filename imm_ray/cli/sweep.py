@@ -18,6 +18,8 @@ from imm_ray.cli.errors import user_errors
 def sweep(
     config: Path = typer.Argument(..., help="YAML experiment config with a sweep section, e.g. configs/table3.yaml."),
     overrides: list[str] = typer.Option([], "--set", help="Override a field, e.g. --set sweep.alpha=[0.3,0.5]."),
+    seeds: str | None = typer.Option(
+        None, "--seeds", help="Replicates, e.g. --seeds 0,1,2: the experiment runs once per seed (experiment.seeds)."),
     fresh: bool = typer.Option(
         False, "--fresh",
         help="Start a new Tune experiment instead of resuming the one in the sweep folder (it is moved aside); "
@@ -25,13 +27,13 @@ def sweep(
     ),
 ) -> None:
     """Run (or resume) the sweep; write table3.md/.csv/.png and trials.csv into <output_dir>/<name>/."""
-    from imm_ray.config import load_config
+    from imm_ray.config import load_config, seeds_override
     from imm_ray.report import ALPHA_CONVENTION
     from tune.sweep import run_sweep
 
     console = Console()
     with user_errors():
-        cfg = load_config(config, overrides)
+        cfg = load_config(config, [*overrides, *seeds_override(seeds)])
         result = run_sweep(cfg, console, fresh=fresh)
     console.print(_rich_table(result.table, f"Table 3: pass@{cfg.eval.k[0]} (%)"))
     console.print(ALPHA_CONVENTION, style="dim", markup=False)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from imm_ray.tokens import encode_pair
 from actors.training import (
     IGNORE_INDEX,
     PROGRESS_FILE,
@@ -18,7 +19,6 @@ from actors.training import (
     optimizer_steps,
     run_sft,
     storage_uri,
-    tokenize_pair,
 )
 from imm_ray.config import SFTSection
 from tiny_model import build_tokenizer
@@ -26,12 +26,12 @@ from tiny_model import build_tokenizer
 
 def test_labels_mask_the_prompt_and_end_with_eos():
     tokenizer = build_tokenizer()
-    ids, labels = tokenize_pair(tokenizer, "Instruction: 3 + 4?\nResponse: ", "3 + 4 = 7", max_length=512)
+    ids, labels = encode_pair(tokenizer, "Instruction: 3 + 4?\nResponse: ", "3 + 4 = 7", max_length=512)
     prompt_len = len(tokenizer("Instruction: 3 + 4?\nResponse: ", add_special_tokens=False)["input_ids"])
     assert labels[:prompt_len] == [IGNORE_INDEX] * prompt_len
     assert labels[prompt_len:] == ids[prompt_len:]
     assert ids[-1] == tokenizer.eos_token_id
-    short_ids, short_labels = tokenize_pair(tokenizer, "Instruction: 3 + 4?", "3 + 4 = 7", max_length=5)
+    short_ids, short_labels = encode_pair(tokenizer, "Instruction: 3 + 4?", "3 + 4 = 7", max_length=5)
     assert len(short_ids) == len(short_labels) == 5
 
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from imm_ray.analysis import AnalysisError, encode_pair, layer_importance
+from imm_ray.analysis import AnalysisError, layer_importance
+from imm_ray.tokens import encode_pair
 
 PAIRS = [
     ("Question: Tom has 3 apples and buys 4 more.\nResponse: ", "3 + 4 = 7. The answer is 7"),

@@ -62,3 +62,22 @@ def test_config_is_frozen_and_round_trips(tmp_path):
     save_config(config, tmp_path / "c.yaml")
     assert load_config(tmp_path / "c.yaml") == config
     assert isinstance(config, ExperimentConfig)
+
+
+def test_seed_is_a_single_replicate_and_seeds_a_list():
+    from imm_ray.config import seeds_override
+
+    assert load_config(None, ["experiment.seed=3"]).experiment.seeds == (3,)
+    assert load_config(None, seeds_override("0,1,2")).experiment.seeds == (0, 1, 2)
+    assert load_config(None).experiment.seed == 0
+    with pytest.raises(ConfigError, match="experiment"):
+        load_config(None, ["experiment.seed=1", "experiment.seeds=[1, 2]"])
+    with pytest.raises(ConfigError, match="experiment.seeds"):
+        load_config(None, seeds_override("1,1"))
+
+
+def test_sampling_and_evaluation_exemplars_are_separate_fields():
+    cfg = load_config(None, ["generation.num_shots=10"])
+    assert cfg.generation.num_shots == 10 and cfg.eval.num_shots == 0
+    with pytest.raises(ConfigError, match="data.num_shots: unknown field"):
+        load_config(None, ["data.num_shots=3"])
