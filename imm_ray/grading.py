@@ -18,6 +18,39 @@ after its answer line. The rules, in order:
 4. Only where asked (``last_number_fallback=True``): the last number in the block (numeric) or the last
    parenthesised letter (choice), for models that never learned the answer line.
 
+Numeric answers (:func:`numeric_equal`). Both sides are read as exact rationals: "1,234", "$1,234.00" and
+"1234" are 1234; "3/4", "\\frac{3}{4}" and "0.75" are 3/4; "-(1/3)" (ASDiv's spelling) is -1/3. "%" is a unit
+sign and is dropped ("25%" is 25). How close a prediction must be is decided by how the GOLD is written:
+
+1. Integer gold (every GSM8K and SVAMP gold, 87% of MAWPS, 91% of ASDiv): exact equality. For 70000, "70000",
+   "70,000", "70000.0", "$70,000" are right; "70001", "69999.99", "70000.01" are wrong. Integer golds are exact
+   counts and amounts; the relative tolerance used before (1e-4, as the common harnesses) accepted gold+1 for
+   every gold of 10,000 and more, 3.6% of GSM8K's test records.
+2. Fraction gold, written a/b (ASDiv's "3/7", "25/3", "-(1/3)"): exact value. Right are an equal value ("6/14")
+   or a decimal that IS the fraction correctly rounded at the decimal's own number of places, with at least
+   :data:`ROUNDED_MIN_DIGITS` (4) significant digits: "0.4286" and "0.428571" for 3/7, "0.6667" for 2/3; not
+   "0.43", "0.429" or "0.4285". A model has to cut a non-terminating value somewhere; 4 digits is the precision
+   the 1e-4 harnesses asked for, and fewer stop telling neighbouring answers apart (0.67 is also 67/100).
+3. Decimal gold with d places (MAWPS "1.84", "0.625", ASDiv "83.2", "1.33"): the prediction rounded to d
+   places (halves away from zero) must equal the gold. For 1.84: "1.84", "1.840", "46/25", "1.8449" right;
+   "1.85", "1.8", "1.845" wrong. The harness files store computed results as rounded floats (ASDiv "1.33" and
+   "3.333" for 4/3 and 10/3, MAWPS "3.33333"), so a decimal gold is known to its d places and no finer:
+   grading at that precision accepts the exact 4/3 against "1.33" and still rejects a change of one unit in
+   the last place. The price: where a decimal gold happens to be exact, a longer prediction that rounds to it
+   is accepted too ("0.54" for 0.5).
+4. A decimal gold of 6 or more significant digits that lies within one unit of its last place of a
+   non-terminating fraction with denominator <= 100 is ALSO that fraction under rule 2: the shared MAWPS file
+   writes 2/3 as "0.6666666667" (59 such golds, all thirds, sixths, ninths, twelfths), Calc-mawps on the hub
+   as the float 0.6666666666666666; "2/3" and "0.6667" answer both, "0.67" still does not.
+5. Percentages: "25%" is 25, never 0.25. The golds of percentage questions are written as the percent number
+   (GSM8K "What percentage of the entire students enrolled in hip-hop dance?" has "#### 60"; SVAMP and MAWPS
+   ask for none; ASDiv's five % questions ask for amounts), so "60%" and "60" answer 60 and "0.6" does not.
+6. Times and ratios ("3:30 p.m.", "5:6") compare in canonical form ("3:30pm", "5:6"); text golds ("Mrs. Hilt")
+   by their normalised words.
+
+The canonical text of a number (what :func:`extract_answer` reports) is exact for integers and terminating
+decimals ("69999.99" never becomes 70000) and 10 significant digits for a non-terminating value.
+
 LaTeX answers are compared with math-verify (``math_verify.parse`` / ``math_verify.verify``). Its own time
 limit uses SIGALRM, which only works in a process's main thread, and Ray runs tasks in worker threads; so its
 signal timeouts are disabled and every comparison runs in a child process (``python -m imm_ray.grading``) that
@@ -50,7 +83,11 @@ logger = logging.getLogger(__name__)
 
 LATEX_TIMEOUT_S = 5.0  # per comparison, as math-verify's own default
 LATEX_STARTUP_TIMEOUT_S = 120.0  # importing sympy on a loaded 2-core machine can take many seconds
-NUMERIC_REL_TOL = 1e-4  # as the common math-evaluation harnesses: "0.6666666667" == 2/3, "0.67" != 2/3
+ROUNDED_MIN_DIGITS = 4  # rule 2: a rounded decimal for an exact non-integer gold needs 4 significant digits
+ROUNDED_GOLD_MIN_DIGITS = 6  # rule 4: a decimal gold this long may be the rounding of a fraction ...
+ROUNDED_GOLD_MAX_DENOMINATOR = 100  # ... with a denominator up to this
+NONTERMINATING_DIGITS = 10  # significant digits of a canonical non-terminating value (2/3 -> 0.6666666667)
+MAX_EXACT_PLACES = 30  # terminating decimals up to this many places are written exactly
 CHOICE_LETTERS = "ABCDEFGHIJ"
 DEFAULT_CHOICE_COUNT = 5  # without the options, accept A-E (MathQA has five)
 
@@ -177,15 +214,67 @@ def _to_fraction(number: str) -> Fraction:
     return Fraction(number.replace(",", ""))
 
 
+def _decimal_places(value: Fraction) -> int | None:
+    """How many decimal places write ``value`` exactly (0 for an integer); None if its decimal never ends."""
+    denominator, twos, fives = value.denominator, 0, 0
+    while denominator % 2 == 0:
+        denominator, twos = denominator // 2, twos + 1
+    while denominator % 5 == 0:
+        denominator, fives = denominator // 5, fives + 1
+    return max(twos, fives) if denominator == 1 else None
+
+
+def _round(value: Fraction, places: int) -> Fraction:
+    """``value`` rounded to ``places`` decimal places, halves away from zero (as people round)."""
+    scale = 10**places
+    magnitude = math.floor(abs(value) * scale + Fraction(1, 2))
+    return Fraction(magnitude if value >= 0 else -magnitude, scale)
+
+
+def _fixed(value: Fraction, places: int) -> str:
+    """A multiple of 10**-places in positional notation, trailing zeros dropped."""
+    digits = str(abs(value.numerator * 10**places // value.denominator)).rjust(places + 1, "0")
+    text = f"{digits[:-places]}.{digits[-places:]}".rstrip("0").rstrip(".") if places else digits
+    return f"-{text}" if value < 0 else text
+
+
+def _significant_digits(value: Fraction, places: int) -> int:
+    """The significant digits of ``value`` written with ``places`` decimals: 0.6667 -> 4, 12.5 -> 3."""
+    return len(str(abs(value.numerator * 10**places // value.denominator)).lstrip("0"))
+
+
 def format_number(value: Fraction) -> str:
-    """The canonical text of a number: integers exactly, others to 10 significant digits."""
-    if value.denominator == 1:
-        return str(value.numerator)
-    return f"{float(value):.10g}"
+    """The canonical text of a number: exact where a decimal ends, else 10 significant digits.
+
+    Integers and terminating decimals are written exactly ("69999.99" stays 69999.99, never 70000); a
+    non-terminating value (2/3) is rounded to :data:`NONTERMINATING_DIGITS` significant digits, but always
+    keeps one decimal at least, so it never reads as an integer.
+    """
+    places = _decimal_places(value)
+    if places is not None and places <= MAX_EXACT_PLACES:
+        return _fixed(value, places)
+    magnitude = len(str(abs(value.numerator) // value.denominator)) - 1 if abs(value) >= 1 else 0
+    if abs(value) < 1:
+        while abs(value) * 10 ** (-magnitude) < 1:
+            magnitude -= 1
+    places = max(NONTERMINATING_DIGITS - 1 - magnitude, 1)
+    return _fixed(_round(value, places), places)
 
 
-def _numeric_from(text: str) -> str | None:
-    """The canonical numeric answer in a statement: a time/ratio, else the first number (after a last "=")."""
+@dataclass(frozen=True)
+class _Number:
+    """A number as written: its exact value, and whether it was written as a fraction ("3/7", "\\frac{3}{7}")."""
+
+    value: Fraction
+    fraction: bool = False
+
+
+def _reading(text: str) -> _Number | str | None:
+    """What a numeric statement says: a number, a canonical time/ratio ("3:30pm"), or None.
+
+    A time or ratio wins when it comes first; otherwise the first number after a last "=" if one has digits
+    ("The answer is 15 * 8 = 120").
+    """
     plain = _unwrap_latex(text)
     if "=" in plain and re.search(r"\d", plain.rsplit("=", 1)[1]):
         plain = plain.rsplit("=", 1)[1]  # "The answer is 15 * 8 = 120"
@@ -201,8 +290,14 @@ def _numeric_from(text: str) -> str | None:
         denominator = _to_fraction(number.group("den"))
         if denominator == 0:
             return None
-        value /= denominator
-    return format_number(value)
+        return _Number(value / denominator, fraction=True)
+    return _Number(value)
+
+
+def _numeric_from(text: str) -> str | None:
+    """The canonical numeric answer in a statement: a time/ratio, else the first number (after a last "=")."""
+    found = _reading(text)
+    return format_number(found.value) if isinstance(found, _Number) else found
 
 
 def _plain_text(text: str) -> str:
@@ -229,12 +324,50 @@ def _as_number(text: str) -> Fraction | None:
         return None
 
 
+def _is_rounding_of(said: Fraction, exact: Fraction) -> bool:
+    """Rule 2's rounded form: ``said`` is ``exact`` rounded at its own decimals, with enough digits."""
+    places = _decimal_places(said)
+    if not places:  # an integer, or a value no decimal writes: only equality counts
+        return False
+    return _significant_digits(said, places) >= ROUNDED_MIN_DIGITS and _round(exact, places) == said
+
+
+def _rounded_fraction(gold: Fraction, places: int) -> Fraction | None:
+    """Rule 4: the fraction a long decimal gold is the rounding of (0.6666666667 -> 2/3), if it is one."""
+    if _significant_digits(gold, places) < ROUNDED_GOLD_MIN_DIGITS:
+        return None
+    source = gold.limit_denominator(ROUNDED_GOLD_MAX_DENOMINATOR)
+    # within one unit of the last place, not only the correct rounding: a float's shortest text cuts rather
+    # than rounds (2/3 as float64 prints 0.6666666666666666, Calc-mawps' result_float)
+    close = abs(source - gold) <= Fraction(1, 10**places)
+    return source if _decimal_places(source) is None and close else None
+
+
+def _number_matches(said: Fraction, gold: _Number) -> bool:
+    """The rules of "Numeric answers" in the module docstring, ``said`` being the prediction's exact value."""
+    if said == gold.value:
+        return True
+    places = _decimal_places(gold.value)
+    if gold.fraction or places is None or places == 0:  # rules 1 and 2: an exact gold
+        return _is_rounding_of(said, gold.value)
+    if _round(said, places) == gold.value:  # rule 3: a decimal gold, at its own places
+        return True
+    source = _rounded_fraction(gold.value, places)  # rule 4
+    return source is not None and _is_rounding_of(said, source)
+
+
 def numeric_equal(predicted: str, gold: str) -> bool:
-    """Canonical numeric answers equal: numbers within :data:`NUMERIC_REL_TOL`, anything else as text."""
-    a, b = _as_number(predicted), _as_number(gold)
-    if a is not None and b is not None:
-        return math.isclose(float(a), float(b), rel_tol=NUMERIC_REL_TOL, abs_tol=1e-9)
-    return predicted == gold
+    """Whether a numeric-kind prediction matches the gold (rules in the module docstring, "Numeric answers").
+
+    Both may be raw or canonical text; the gold is best given raw, so that a fraction gold ("3/7") is known
+    to be exact. Times, ratios and text compare by their canonical form.
+    """
+    said, wanted = _reading(predicted), _reading(gold)
+    if isinstance(said, _Number) and isinstance(wanted, _Number):
+        return _number_matches(said.value, wanted)
+    if isinstance(said, _Number) or isinstance(wanted, _Number):
+        return False
+    return canonical_numeric(predicted) == canonical_numeric(gold)
 
 
 def _text_answer_matches(statement: str, gold: str) -> bool:
@@ -396,7 +529,7 @@ def _numeric_correct(extracted: str, completion: str, gold: str) -> bool:
     wanted = canonical_numeric(gold)
     if wanted is None:
         return False
-    if numeric_equal(extracted, wanted):
+    if numeric_equal(extracted, gold):
         return True
     if _as_number(wanted) is None:  # a text gold: "Mrs. Hilt" also matches "Mrs. Hilt, who has 5 more"
         statement = _statement(response_block(completion))

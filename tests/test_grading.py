@@ -64,6 +64,69 @@ def test_numeric_grading_normalises_and_tolerates_rounding_noise():
     assert grade(_numeric("18"), "The answer is 19") == Grade("19", False)
 
 
+@pytest.mark.parametrize("said", ["70000", "70,000", "70000.0", "$70,000", "70,000.00 dollars", "140000/2"])
+def test_integer_gold_matches_only_its_exact_value(said):
+    assert grade(_numeric("70000"), f"The answer is {said}.").correct
+
+
+@pytest.mark.parametrize("said", ["70001", "69999", "69999.99", "70000.01", "69999.999999999999", "7000", "700000"])
+def test_integer_gold_rejects_any_other_value(said):
+    assert not grade(_numeric("70000"), f"The answer is {said}.").correct
+
+
+@pytest.mark.parametrize(
+    ("gold", "said", "correct"),
+    [
+        # rule 2: a fraction gold is exact; a decimal must be its correct rounding with 4 significant digits
+        ("3/7", "6/14", True),
+        ("3/7", "0.4286", True),
+        ("3/7", "0.428571", True),
+        ("3/7", "0.4285", False),
+        ("3/7", "0.429", False),
+        ("2/3", "0.6667", True),
+        ("2/3", "0.67", False),
+        ("-(1/3)", "-0.3333", True),
+        ("-(1/3)", "0.3333", False),
+        ("25/3", "8.333", True),
+        ("25/3", "8.33", False),
+        ("5/2", "2.5", True),
+        ("5/2", "3", False),
+        ("5/2", "2.54", False),
+        # rule 3: a decimal gold at its own number of places
+        ("1.84", "1.840", True),
+        ("1.84", "46/25", True),
+        ("1.84", "1.8449", True),
+        ("1.84", "1.845", False),
+        ("1.84", "1.85", False),
+        ("1.84", "1.8", False),
+        ("1.33", "4/3", True),  # ASDiv: 80/60 hours written 1.33
+        ("3.333", "10/3", True),  # ASDiv: 10/3 minutes written 3.333
+        ("158.35", "158.51", False),
+        # rule 4: a long decimal gold that rounds a simple fraction is that fraction too (MAWPS)
+        ("0.6666666667", "2/3", True),
+        ("0.6666666667", "0.6667", True),
+        ("0.6666666667", "0.667", False),
+        ("0.6666666667", "0.67", False),
+        ("10.6666666667", "32/3", True),
+        ("3.33333", "3.3333", True),
+        ("0.6666666666666666", "0.6667", True),  # Calc-mawps result_float for 2/3
+        # rule 5: a percent sign is a unit; the percent number is the answer
+        ("60", "60%", True),
+        ("60", "0.6", False),
+        ("0.25", "25%", False),
+    ],
+)
+def test_decimal_fraction_and_percent_rules(gold, said, correct):
+    assert grade(_numeric(gold), f"The answer is {said}").correct is correct
+
+
+def test_canonical_numbers_are_exact_where_a_decimal_ends():
+    assert extract_answer("The answer is 69999.99", "numeric") == "69999.99"
+    assert extract_answer("The answer is 1234567890.5", "numeric") == "1234567890.5"
+    assert extract_answer("The answer is 100000000000/3", "numeric") == "33333333333.3"  # never an integer
+    assert grading.numeric_equal("12", "12.0") and not grading.numeric_equal("12", "12.5")
+
+
 def test_first_answer_line_wins_over_later_blocks_and_inline_phrases():
     completion = (
         "Half of 48 is 24, so the answer is 24 clips in May.\n"
@@ -196,15 +259,32 @@ def test_a_comparison_past_the_time_limit_is_killed_and_graded_wrong():
 # ----------------------------------------------------------------------------------------------------------------
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
 def _shared_data() -> Path | None:
+    """The benchmark files: ``$IMM_RAY_SHARED_DATA``, else ``<repo>/../shared/data`` (CI's fresh clone has
+    shared/ beside the checkout), else ``<repo>/shared/data``."""
     override = os.environ.get("IMM_RAY_SHARED_DATA")
-    candidates = [Path(override)] if override else []
-    candidates += [ancestor / "shared" / "data" for ancestor in Path(__file__).resolve().parents]
+    candidates = [Path(override)] if override else [REPO.parent / "shared" / "data", REPO / "shared" / "data"]
     return next((c for c in candidates if (c / "gsm8k" / "test.jsonl").is_file()), None)
 
 
 SHARED = _shared_data()
-needs_shared = pytest.mark.skipif(SHARED is None, reason="shared/data not found (set IMM_RAY_SHARED_DATA)")
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    """The shared data folder; missing, the test fails under CI (``CI=true``) and is skipped elsewhere."""
+    if SHARED is not None:
+        return SHARED
+    where = os.environ.get("IMM_RAY_SHARED_DATA") or f"{REPO.parent / 'shared' / 'data'} or {REPO / 'shared' / 'data'}"
+    message = f"shared/data not found at {where} (set IMM_RAY_SHARED_DATA)"
+    if os.environ.get("CI", "").strip().lower() in ("true", "1", "yes"):
+        pytest.fail(f"{message}; CI must run the real-data tests")
+    pytest.skip(message)
+
+
 NO_STEPS = "Let's work it out from the numbers in the question."
 # Required shares; GSM8K's reference answers must all grade right.
 REFERENCE_MIN = {name: 0.995 for name in REGISTRY} | {"gsm8k": 1.0}
@@ -240,26 +320,91 @@ def _wrong_style(problem: Problem, answer: str) -> str:
     return format_response(steps or NO_STEPS, answer)
 
 
-@needs_shared
 @pytest.mark.parametrize("name", list(REGISTRY))
-def test_reference_answers_grade_correct(name):
-    problems = load_set(name, path=SHARED / name / "test.jsonl")
+def test_reference_answers_grade_correct(name, shared):
+    problems = load_set(name, path=shared / name / "test.jsonl")
     correct = sum(grade(p, _model_style(p, answer_text(p))).correct for p in problems)
     assert correct / len(problems) >= REFERENCE_MIN[name], f"{name}: {correct}/{len(problems)}"
 
 
-@needs_shared
 @pytest.mark.parametrize("name", list(REGISTRY))
-def test_wrong_answers_grade_wrong(name):
-    problems = load_set(name, path=SHARED / name / "test.jsonl")
+def test_wrong_answers_grade_wrong(name, shared):
+    problems = load_set(name, path=shared / name / "test.jsonl")
     picked = range(0, len(problems), WRONG_STRIDE.get(name, 1))
     wrong = sum(not grade(problems[i], _wrong_style(problems[i], _wrong_answer(problems, i))).correct for i in picked)
     assert wrong / len(picked) >= WRONG_MIN, f"{name}: {wrong}/{len(picked)}"
 
 
-@needs_shared
-def test_other_shared_files_grade_too():
+def test_other_shared_files_grade_too(shared):
     for name, file in (("sat_math", "agieval_sat-math.jsonl"), ("math", "test500_math_oai.jsonl")):
-        problems = load_set(name, path=SHARED / name / file)
+        problems = load_set(name, path=shared / name / file)
         correct = sum(grade(p, _model_style(p, answer_text(p))).correct for p in problems)
         assert correct / len(problems) >= 0.995, f"{file}: {correct}/{len(problems)}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Real numeric sets: the reference as models write it grades right, reference +-1 and x1.001 grade wrong, all
+# ----------------------------------------------------------------------------------------------------------------
+
+NUMERIC_SETS = [name for name, spec in REGISTRY.items() if spec.kind == "numeric"]
+
+
+def _gold_number(problem: Problem) -> grading.Fraction | None:
+    reading = grading._reading(problem.answer)
+    return reading.value if isinstance(reading, grading._Number) else None
+
+
+def _model_writes(value: grading.Fraction, as_written: str | None = None) -> list[str]:
+    """A value in the forms models write it: "The answer is 1,234.", "The answer is $1234", "#### 1234"."""
+    if as_written is not None and "/" in as_written:  # a fraction gold, as the record writes it ("-(1/3)")
+        plain = grouped = as_written
+    elif grading._decimal_places(value) is None:  # a non-terminating wrong value: as a fraction
+        plain = grouped = f"{value.numerator}/{value.denominator}"
+    else:
+        plain = grading.format_number(value)
+        whole, _, decimals = plain.lstrip("-").partition(".")
+        grouped = ("-" if value < 0 else "") + f"{int(whole):,}" + (f".{decimals}" if decimals else "")
+    return [f"The answer is {grouped}.", f"The answer is ${plain}", f"#### {plain}"]
+
+
+def _wrong_values(gold: grading.Fraction) -> list[grading.Fraction]:
+    """gold + 1; gold - 1 for an integer; gold x 1.001 where that moves it by a unit of its last place or more."""
+    wrong = [gold + 1]
+    places = grading._decimal_places(gold)
+    if gold.denominator == 1:
+        wrong.append(gold - 1)
+    moves_a_unit = places is not None and abs(gold) / 1000 >= grading.Fraction(1, 10**places)
+    if gold != 0 and (gold.denominator == 1 or moves_a_unit):
+        wrong.append(gold * grading.Fraction(1001, 1000))
+    return wrong
+
+
+@pytest.mark.parametrize("name", NUMERIC_SETS)
+def test_reference_as_models_write_it_grades_correct_for_every_record(name, shared):
+    problems = load_set(name, path=shared / name / "test.jsonl")
+    failed = []
+    for problem in problems:
+        gold = _gold_number(problem)
+        forms = _model_writes(gold, problem.answer) if gold is not None else [
+            f"The answer is {problem.answer}.", f"#### {problem.answer}"  # a time, ratio or text gold
+        ]
+        failed += [(problem.id, form) for form in forms if not grade(problem, form).correct]
+    assert not failed, f"{name}: {len(failed)} renderings graded wrong, e.g. {failed[:5]}"
+
+
+@pytest.mark.parametrize("name", NUMERIC_SETS)
+def test_reference_off_by_one_or_scaled_grades_wrong_for_every_record(name, shared):
+    problems = load_set(name, path=shared / name / "test.jsonl")
+    checked, accepted = 0, []
+    for problem in problems:
+        gold = _gold_number(problem)
+        if gold is None:
+            continue
+        for value in _wrong_values(gold):
+            for form in _model_writes(value):
+                checked += 1
+                if grade(problem, form).correct:
+                    accepted.append((problem.id, problem.answer, form))
+    assert checked > 3 * len(problems)
+    assert not accepted, f"{name}: {len(accepted)} of {checked} wrong answers graded right, e.g. {accepted[:5]}"
+

@@ -70,7 +70,8 @@ class SetSpec:
     """One benchmark: what its answers look like and where the hub keeps it.
 
     ``hub_files`` maps our split names to the file inside ``hub_repo`` (some sets only publish a test split, and
-    ASDiv's only split is called ``validation`` on the hub).
+    ASDiv's only split is called ``validation`` on the hub); ``hub_revision`` is the branch or ref holding those
+    files when it is not the default branch.
     """
 
     name: str
@@ -79,6 +80,7 @@ class SetSpec:
     hub_files: Mapping[str, str]
     parse: RecordParser = field(repr=False)
     description: str = ""
+    hub_revision: str | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -299,26 +301,70 @@ def _parquet_split(prefix: str, *splits: str) -> dict[str, str]:
     return {split: f"{prefix}{split}-00000-of-00001.parquet" for split in splits}
 
 
-# Hub sources were chosen from public listings and could not be fetched from this machine (no hub access);
-# any of them can be replaced per call with ``path="hf://owner/repo/file"`` or a local file.
+# Hub sources. The hub cannot be reached from the machine this was written on; every entry below was checked
+# against stored copies of the hub's own pages (file trees, dataset cards, commits) and against public code that
+# loads the repo, as noted per set. "Confirmed" means seen in such a source; anything else is said to be open.
+# Any entry can be replaced per call with ``path="hf://owner/repo/file"`` or a local file (see load_set).
 REGISTRY: Mapping[str, SetSpec] = {
     spec.name: spec
     for spec in (
+        # openai/gsm8k. Confirmed: config "main" with data_files main/train-*, main/test-* and features question,
+        # answer (string) in the card (hub commits 2c868b8 "Convert dataset to Parquet" and 60b4b82,
+        # https://huggingface.co/datasets/openai/gsm8k/commit/60b4b82b84c2dac2b54f7d7f3056eae01514f12e); the exact
+        # names main/test-00000-of-00001.parquet and main/train-00000-of-00001.parquet in several public scripts
+        # that download https://huggingface.co/datasets/openai/gsm8k/resolve/main/main/test-00000-of-00001.parquet.
+        # 7,473 / 1,319 rows (card), as the shared files.
         SetSpec("gsm8k", "numeric", "openai/gsm8k", _parquet_split("main/", "train", "test"), _parse_gsm8k,
                 "grade-school word problems; '#### N' answers"),
+        # DigitalLearningGmbH/MATH-lighteval. Confirmed: public code loads it with config "default", splits train
+        # and test (5,000 test rows), columns problem, solution, level, type, and lists its files under "data/"
+        # (revision 0530c78699ea5e8eb5530600900e1f328b48acad). NOT confirmed: the exact file names
+        # data/{train,test}-00000-of-00001.parquet (no stored file listing of this repo; they are the names its
+        # copy MaziyarPanahi/MATH-lighteval uses, https://huggingface.co/datasets/MaziyarPanahi/MATH-lighteval/tree/
+        # 4d50b8c0d14913547f95b2e9d81028e77aef4e34/data), nor the column types (taken as strings, as every MATH copy).
         SetSpec("math", "latex", "DigitalLearningGmbH/MATH-lighteval", _parquet_split("data/", "train", "test"),
                 _parse_math, "competition mathematics; \\boxed{} answers"),
+        # MU-NLPC/Calc-mawps. Confirmed: original-splits/test-00000-of-00001-4f420cd8985debf1.parquet in the file
+        # tree (https://huggingface.co/datasets/MU-NLPC/Calc-mawps/tree/main/original-splits) and the card's
+        # features id, question, chain, result (string), result_float (float64), equation, expression; test has
+        # 520 rows (the shared harness file has 2,065: a different MAWPS selection). The parser reads question
+        # and result_float. NOT confirmed: how ``result`` writes fractions, so it is not used.
         SetSpec("mawps", "numeric", "MU-NLPC/Calc-mawps",
                 {"test": "original-splits/test-00000-of-00001-4f420cd8985debf1.parquet"}, _parse_mawps,
                 "arithmetic word problems; numeric target"),
+        # ChilleD/SVAMP. Confirmed: data/train-00000-of-00001.parquet and data/test-00000-of-00001.parquet in the
+        # file tree (https://huggingface.co/datasets/ChilleD/SVAMP/tree/main/data, commit 5e0bf1e); columns
+        # Body, Question, Equation, Answer, Type, ID in public loaders. Its splits are a 700/300 re-split of the
+        # 1,000 problems ("seed 42, train set ratio 0.7" in its history; 300 test rows in a pinned loader), so its
+        # "test" is NOT the 1,000-problem SVAMP test of the paper and the shared file. NOT confirmed: the Answer
+        # type in this repo (float64 in copies of the same table, e.g. tongyx361/svamp's card).
         SetSpec("svamp", "numeric", "ChilleD/SVAMP", _parquet_split("data/", "train", "test"), _parse_svamp,
                 "varied arithmetic word problems; numeric Answer"),
+        # EleutherAI/asdiv. Confirmed: asdiv/validation-00000-of-00001.parquet with features body, question,
+        # solution_type, answer, formula (strings), 2,305 rows, config "asdiv", in the hub's parquet conversion
+        # PR (https://huggingface.co/datasets/EleutherAI/asdiv/discussions/1/files, README at refs/pr/1). The
+        # default branch, as stored (commit fbd8b42), holds only a loading script asdiv.py and no parquet, so the
+        # file is read from refs/pr/1. NOT confirmed: whether that PR was merged into main since.
         SetSpec("asdiv", "numeric", "EleutherAI/asdiv", {"test": "asdiv/validation-00000-of-00001.parquet"},
-                _parse_asdiv, "diverse word problems; '9 (apples)' and some text answers"),
+                _parse_asdiv, "diverse word problems; '9 (apples)' and some text answers", hub_revision="refs/pr/1"),
+        # hails/agieval-sat-math. Confirmed: data/test-00000-of-00001.parquet in the file tree and the card's
+        # features query (string), choices (list of string), gold (list of int64), 220 test rows
+        # (https://huggingface.co/datasets/hails/agieval-sat-math/blob/9d7770b8f559afe512ade1603181e226aa99c134/
+        # README.md). This is AGIEval's 220-question SAT-Math (as shared sat_math/agieval_sat-math.jsonl), not
+        # the 32-question file most math harnesses use (shared sat_math/test.jsonl).
         SetSpec("sat_math", "choice", "hails/agieval-sat-math", _parquet_split("data/", "test"), _parse_sat_math,
                 "SAT math, 4 options"),
+        # regisss/math_qa. Confirmed: public loaders use load_dataset("regisss/math_qa") with splits train,
+        # validation and test and columns Problem, Rationale, options, correct, category (those of
+        # allenai/math_qa's script: Problem, Rationale, options, correct, annotated_formula, linear_formula,
+        # category). NOT confirmed: the file names data/{train,test}-00000-of-00001.parquet (no stored file
+        # listing or card of this repo).
         SetSpec("mathqa", "choice", "regisss/math_qa", _parquet_split("data/", "train", "test"), _parse_mathqa,
                 "MathQA, 5 options 'a ) .. , b ) ..'"),
+        # TIGER-Lab/MMLU-STEM. Confirmed: data/test-00000-of-00001.parquet in the file tree
+        # (https://huggingface.co/datasets/TIGER-Lab/MMLU-STEM/tree/main/data, commit 8718fbc) and the card's
+        # features question (string), choices (list of string), subject (string), answer (int64), 3,153 test rows
+        # (the shared harness file has 3,018).
         SetSpec("mmlu_stem", "choice", "TIGER-Lab/MMLU-STEM", _parquet_split("data/", "test"), _parse_mmlu_stem,
                 "MMLU STEM subjects, 4 options"),
     )
@@ -436,15 +482,16 @@ def _hub_download(spec: SetSpec, split: str) -> Path:
             f"{spec.name}: no split {split!r} on the hub (it has {', '.join(spec.hub_files)}); "
             f"pass a local file with path= or set {DATA_DIR_ENV}"
         )
-    return _download(spec, spec.hub_repo, filename)
+    return _download(spec, spec.hub_repo, filename, spec.hub_revision)
 
 
-def _download(spec: SetSpec, repo: str, filename: str) -> Path:
+def _download(spec: SetSpec, repo: str, filename: str, revision: str | None = None) -> Path:
     """One data file from the Hugging Face hub via huggingface_hub (cached by it); failures name the fallbacks."""
     from huggingface_hub import hf_hub_download
 
+    where = {"revision": revision} if revision else {}
     try:
-        return Path(hf_hub_download(repo_id=repo, filename=filename, repo_type="dataset"))
+        return Path(hf_hub_download(repo_id=repo, filename=filename, repo_type="dataset", **where))
     except Exception as error:  # huggingface_hub raises many kinds: offline, 404, gated, auth
         raise DataError(
             f"{spec.name}: could not download {filename!r} from hub data set {repo!r} "

@@ -187,3 +187,81 @@ def test_toy_sets_delegate_to_the_toy_generator():
         load_set(toy.TOY_SETS[0], path=FIXTURES / "mawps.jsonl")
     with pytest.raises(DataError, match="unknown split"):
         load_set(toy.TOY_SETS[0], "validation")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hub files: parquet fixtures shaped like each set's hub file (columns and arrow types, see the registry's notes)
+# ----------------------------------------------------------------------------------------------------------------
+
+HUB_FIXTURES = FIXTURES / "hub"
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    """hf_hub_download answering every spec's test file with its hub-shaped fixture; records each call."""
+    import huggingface_hub
+
+    calls = []
+    by_file = {(registry.get_spec(n).hub_repo, registry.get_spec(n).hub_files["test"]): n for n in PAPER_SETS}
+
+    def fake_download(repo_id, filename, repo_type, revision=None):
+        calls.append((repo_id, filename, repo_type, revision))
+        return str(HUB_FIXTURES / f"{by_file[(repo_id, filename)]}.parquet")
+
+    monkeypatch.delenv("IMM_RAY_DATA_DIR", raising=False)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    return calls
+
+
+def test_hub_files_are_the_confirmed_ones():
+    files = {name: (registry.get_spec(name).hub_repo, registry.get_spec(name).hub_files["test"]) for name in PAPER_SETS}
+    assert files["gsm8k"] == ("openai/gsm8k", "main/test-00000-of-00001.parquet")
+    assert files["svamp"] == ("ChilleD/SVAMP", "data/test-00000-of-00001.parquet")
+    assert files["mawps"] == ("MU-NLPC/Calc-mawps", "original-splits/test-00000-of-00001-4f420cd8985debf1.parquet")
+    assert files["asdiv"] == ("EleutherAI/asdiv", "asdiv/validation-00000-of-00001.parquet")
+    assert registry.get_spec("asdiv").hub_revision == "refs/pr/1"  # the parquet lives in the conversion PR
+    assert files["sat_math"] == ("hails/agieval-sat-math", "data/test-00000-of-00001.parquet")
+    assert files["mmlu_stem"] == ("TIGER-Lab/MMLU-STEM", "data/test-00000-of-00001.parquet")
+
+
+def test_hub_parquet_numeric_sets_parse_to_problems(hub):
+    gsm8k = load_set("gsm8k")
+    assert [(p.answer, p.kind, p.choices) for p in gsm8k] == [("18", "numeric", None), ("70000", "numeric", None)]
+    assert gsm8k[0].question.startswith("Janet's ducks lay 16 eggs") and "<<" not in gsm8k[0].solution
+    mawps = load_set("mawps")
+    assert [p.answer for p in mawps] == ["43", "0.6666666666666666"]
+    assert mawps[0].question.startswith("Joan found 70 seashells") and mawps[0].id == "mawps/test/0"
+    svamp = load_set("svamp")
+    assert [p.answer for p in svamp] == ["51", "5"]
+    assert svamp[0].question == (
+        "Each pack of dvds costs 76 dollars. If there is a discount of 25 dollars on each pack. "
+        "How much do you have to pay to buy each pack?"
+    )
+    asdiv = load_set("asdiv")
+    assert [p.answer for p in asdiv] == ["9", "3.333", "Mrs. Hilt"]
+    assert asdiv[0].question == (
+        "Seven red apples and two green apples are in the basket. How many apples are in the basket?"
+    )
+    assert all(p.kind == "numeric" and p.choices is None for p in mawps + svamp + asdiv)
+    assert ("EleutherAI/asdiv", "asdiv/validation-00000-of-00001.parquet", "dataset", "refs/pr/1") in hub
+    assert all(revision is None for repo, _, _, revision in hub if repo != "EleutherAI/asdiv")
+
+
+def test_hub_parquet_latex_and_choice_sets_parse_to_problems(hub):
+    math = load_set("math")
+    assert [(p.answer, p.kind) for p in math] == [("\\frac{7}{2}", "latex"), ("2", "latex")]
+    assert math[0].question == "What is $\\frac{7}{2}$ as written?" and math[0].solution.endswith("$.")
+    sat = load_set("sat_math")[0]
+    assert (sat.answer, sat.kind, sat.choices) == ("D", "choice", ("2", "4", "9", "10"))
+    assert sat.question == (
+        "If $\\frac{x-1}{3}=k$ and $k=3$, what is the value of $x ?$\nAnswer Choices: (A) 2 (B) 4 (C) 9 (D) 10"
+    )
+    mathqa = load_set("mathqa")
+    assert [(p.answer, p.choices) for p in mathqa] == [
+        ("A", ("12", "16", "18", "24", "26")), ("D", ("1 : 2", "2 : 3", "3 : 4", "3 : 2", "none"))
+    ]
+    assert mathqa[0].question.endswith("Answer Choices: (A) 12 (B) 16 (C) 18 (D) 24 (E) 26")
+    assert mathqa[0].solution == "explanation : cost = 12 . answer : a"
+    mmlu = load_set("mmlu_stem")[0]
+    assert (mmlu.answer, mmlu.kind, len(mmlu.choices)) == ("C", "choice", 4)
+    assert mmlu.question.startswith("An invasive species will most likely\nAnswer Choices: (A) increase biodiversity")
