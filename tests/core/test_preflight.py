@@ -40,3 +40,29 @@ def test_unknown_data_set_is_named_before_any_work(ray_cluster):
     with pytest.raises(PreflightError, match="data.train_set"):
         prepare_run(load_config(None, ["data.train_set=gsm8k", "data.eval_sets=[gsm8k]",
                                        "data.data_dir=/nonexistent", "data.train_path=/nonexistent/train.jsonl"]))
+
+
+def test_sft_prompts_are_the_evaluation_format_through_the_chat_template(tmp_path, monkeypatch):
+    """With data.chat_template on, the prompt SFT trains on is the prompt evaluation asks (zero-shot, chat),
+    while sampling may use exemplars (generation.num_shots)."""
+    import shutil
+    from pathlib import Path
+
+    import imm_ray.preflight as preflight
+
+    model = tmp_path / "toy"
+    shutil.copytree(Path(preflight.__file__).parent / "assets" / "toy", model)
+    config = (model / "tokenizer_config.json")
+    import json
+
+    settings = json.loads(config.read_text())
+    settings["chat_template"] = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+                                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    config.write_text(json.dumps(settings))
+    monkeypatch.setattr(preflight, "check_resources", lambda cfg: None)  # the one check that needs a cluster
+    prepared = prepare_run(load_config(None, [f"model.path={model}", "data.chat_template=true", "data.train_limit=4",
+                                              "data.eval_limit=4", "data.eval_sets=[toy_id]", "data.train_split=test",
+                                              "generation.num_shots=2"]))
+    eval_prompts = dict(zip([p.id for p in prepared.eval_sets["toy_id"]], prepared.eval_prompts["toy_id"]))
+    assert prepared.sft_prompts == eval_prompts and all(p.startswith("<|user|>") for p in eval_prompts.values())
+    assert all(t != prepared.sft_prompts[p.id] for p, t in zip(prepared.train_problems, prepared.train_prompts))
