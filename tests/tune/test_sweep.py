@@ -18,7 +18,7 @@ from tune.sweep import (
     SweepPaths, absolute_paths, account_stages, check_concurrency, check_metric, check_same_sweep, error_line, report_sets,
 )
 from tune.table3 import (
-    TrialOutcome, column_labels, metrics_from_table, table3, to_markdown, trials_frame, write_table3,
+    TrialOutcome, column_labels, metrics_from_table, table3, table3_bounds, to_markdown, trials_frame, write_table3,
 )
 
 SETS = ["toy_id", "toy_ood_compare", "OOD mean"]
@@ -174,6 +174,51 @@ def test_metrics_from_the_loop_table_pick_the_last_handed_on_model():
     assert metrics_from_table(vanilla, "vanilla", "e")["toy_id"] == 70.0
     with pytest.raises(ValueError, match="iimm"):
         metrics_from_table(table, "iimm", "e")
+
+
+def _with_intervals(accuracies: dict[str, float], half: float = 5.0) -> dict[str, float]:
+    out = dict(accuracies)
+    for name, value in accuracies.items():
+        out.update({f"{name} low": value - half, f"{name} high": value + half})
+        if name != "OOD mean":
+            out.update({f"{name} questions": 48.0, f"{name} samples": 4.0})
+    return out
+
+
+def test_table3_cells_and_csv_carry_intervals_and_counts(tmp_path):
+    params = TrialParams(0.3, 0.2, 1)
+    final = _with_intervals({"toy_id": 50.0, "toy_ood_compare": 40.0, "OOD mean": 40.0})
+    outcome = TrialOutcome(params, {**final, "seeds": 1.0}, _with_intervals(SFT), _with_intervals(BASE), "e")
+    low, high = table3_bounds([outcome], SETS)
+    assert low.loc["toy_id", "α=0.3"] == 45.0 and high.loc["OOD mean", "SFT"] == 15.0
+    table, files = write_table3(tmp_path, [outcome], SETS, metric="OOD mean", value_name="pass@1 (%)", heading="T")
+    text = files.markdown.read_text()
+    assert "| toy_id | 20.0 [15.0, 25.0] | 50.0 [45.0, 55.0] | 60.0 [55.0, 65.0] |" in text
+    assert "Counts: `toy_id` 48 questions × 4 samples; `toy_ood_compare` 48 questions × 4 samples" in text
+    assert "percentile bootstrap over questions" in text
+    assert "Best trial by `OOD mean`: a0.3_p0.2_T1 (40.0 [35.0, 45.0]): the highest point value" in text
+    csv = pd.read_csv(files.csv, comment="#", index_col="set")
+    assert list(csv.columns) == ["Base", "α=0.3", "SFT", "Base low", "α=0.3 low", "SFT low", "Base high",
+                                 "α=0.3 high", "SFT high"]
+    assert csv.loc["toy_id", "α=0.3 high"] == 55.0
+    trials = pd.read_csv(files.trials)
+    assert trials.loc[0, "OOD mean low"] == 35.0 and trials.loc[0, "OOD mean high"] == 45.0
+
+
+def test_a_trial_reports_the_report_tables_intervals(tmp_path):
+    """metrics_from_table on the table imm_ray.report returns: value, low, high and counts per set, and seeds."""
+    columns = {}
+    for name in ("toy_id", "OOD mean"):
+        columns.update({name: [20.0, 65.0], f"{name} low": [15.0, 60.0], f"{name} high": [25.0, 70.0]})
+    columns.update({"toy_id questions": [48.0, 48.0], "toy_id samples": [4.0, 4.0]})
+    table = pd.DataFrame({"model": ["Base", "m0"], "strategy": ["base", "imm"], "iteration": [None, 0],
+                          "role": ["base", "merge"], "seeds": [1, 2], **columns})
+    table = pd.concat([table, table.iloc[[1]].assign(model="s0", role="sft")], ignore_index=True)
+    metrics = metrics_from_table(table, "imm", "e")
+    assert metrics["toy_id"] == 65.0 and metrics["toy_id low"] == 60.0 and metrics["OOD mean high"] == 70.0
+    assert metrics["base/toy_id questions"] == 48.0 and metrics["sft/toy_id high"] == 70.0 and metrics["seeds"] == 2
+    outcome = TrialOutcome.from_metrics(TrialParams(0.5, 0.2, 1), metrics, ["toy_id", "OOD mean"])
+    assert outcome.final["toy_id low"] == 60.0 and outcome.base["toy_id samples"] == 4.0
 
 
 # ---- sweep plumbing -----------------------------------------------------------------------------------------
