@@ -312,7 +312,8 @@ def sweep_notes(config: ExperimentConfig, seconds: float, restored: bool,
     stages = ", ".join(f"{kind} ×{count}" for kind, count in accounting.stages.items())
     return [
         f"Strategy `{sweep.strategy}`, {sweep.search} search over α {list(sweep.alpha)}, drop rate "
-        f"{list(sweep.drop_rate)}, iterations {list(sweep.iterations)}; seed {config.experiment.seed}. "
+        f"{list(sweep.drop_rate)}, iterations {list(sweep.iterations)}; seeds {list(config.experiment.seeds)} "
+        f"(replicates: cells are means over them). "
         f"Train set `{data.train_set}` ({data.train_limit} questions × {config.generation.samples_per_question} "
         f"samples); eval: {data.eval_limit} questions per set × {ev.samples} samples at T={ev.temperature}. "
         "Merged/SFT columns: the model of the last iteration (the merge is what that iteration hands on).",

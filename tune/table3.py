@@ -63,7 +63,8 @@ class TrialOutcome:
             return {key: float(metrics[prefix + key]) for key in keys if prefix + key in metrics}
 
         sft_id = metrics.get(SFT_ID_KEY)
-        return cls(params, pick(""), pick(SFT_PREFIX), pick(BASE_PREFIX), str(sft_id) if sft_id else None,
+        final = pick("") | ({SEEDS_KEY: float(metrics[SEEDS_KEY])} if SEEDS_KEY in metrics else {})
+        return cls(params, final, pick(SFT_PREFIX), pick(BASE_PREFIX), str(sft_id) if sft_id else None,
                    error, run_dir)
 
 

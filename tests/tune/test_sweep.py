@@ -219,6 +219,7 @@ def test_a_trial_reports_the_report_tables_intervals(tmp_path):
     assert metrics["base/toy_id questions"] == 48.0 and metrics["sft/toy_id high"] == 70.0 and metrics["seeds"] == 2
     outcome = TrialOutcome.from_metrics(TrialParams(0.5, 0.2, 1), metrics, ["toy_id", "OOD mean"])
     assert outcome.final["toy_id low"] == 60.0 and outcome.base["toy_id samples"] == 4.0
+    assert outcome.final["seeds"] == 2.0
 
 
 # ---- sweep plumbing -----------------------------------------------------------------------------------------
