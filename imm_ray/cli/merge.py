@@ -1,4 +1,5 @@
-"""imm-ray merge: one merge of HF model folders on the Ray actor pool (the same call the iteration loop makes)."""
+"""imm-ray merge: one merge of HF model folders (the same call the iteration loop makes): on the Ray actor pool
+where a cluster runs or is addressed, else in local processes running the same engine code."""
 
 from __future__ import annotations
 
@@ -23,7 +24,10 @@ def merge(
     seed: int = typer.Option(..., "--seed", help="Seed of the DARE masks."),
     previous: Path | None = typer.Option(None, "--previous", help="θ^t, start of the fine-tune (default: base)."),
     iteration: int = typer.Option(0, "--iteration", help="Iteration t (enters the masks' seed)."),
-    workers: int | None = typer.Option(None, "--workers", help="Ray actors (default: every CPU of the cluster)."),
+    workers: int | None = typer.Option(None, "--workers",
+                                       help="Ray actors or local processes (default: every CPU of the cluster/machine)."),
+    backend: str = typer.Option("auto", "--backend", help="auto (Ray if running or RAY_ADDRESS is set, else local "
+                                "processes), ray, or local."),
     method: str = typer.Option("imm", "--method", help="imm, iimm, linear, task-arithmetic, ties, dare-ties."),
     exclude: str | None = typer.Option(None, "--exclude", help="Regex of tensors that keep their full delta."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, bfloat16, float16 or float32."),
@@ -41,8 +45,10 @@ def merge(
             )
         except ValidationError as error:
             raise MergeError(f"invalid merge options: {describe_errors(error)}") from None
+        if backend not in ("auto", "ray", "local"):
+            raise MergeError(f"invalid merge options: backend: {backend!r} is not one of auto, ray, local")
         from actors.merging import merge_models
 
-        record = merge_models(options)
+        record = merge_models(options, backend=backend)  # type: ignore[arg-type]
     typer.echo(f"merged {record.tensors} tensors ({record.bytes_written / 1e9:.2f} GB) into {out} "
                f"in {record.seconds:.1f} s with {record.workers} worker(s); record: {out / 'merge_record.json'}")

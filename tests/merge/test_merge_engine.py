@@ -278,3 +278,42 @@ def test_masks_keep_the_requested_share_in_a_real_merge(zoo: Zoo, tmp_path: Path
     base = load_model(zoo.base)
     dropped = [float(np.mean((merged[n] == base[n]).numpy())) for n in merged if merged[n].numel() > 4000]
     assert all(abs(share - 0.5) < 0.05 for share in dropped)
+
+
+# ---- local processes (no Ray) ---------------------------------------------------------------------------------
+
+
+def test_local_backend_gives_the_ray_bytes_for_any_worker_count(zoo: Zoo, tmp_path: Path, ray_cluster) -> None:
+    """The same engine code in this process (1 worker) or local processes (2, 3) as on Ray actors (2)."""
+    ray_out = tmp_path / "ray"
+    merge_models(_options(zoo, ray_out, finetuned=(zoo.sharded_ft,), workers=2), backend="ray")
+    expected = {name: data for name, data in file_bytes(ray_out).items() if name != "merge_record.json"}
+    for workers in (1, 2, 3):
+        out = tmp_path / f"local{workers}"
+        record = merge_models(_options(zoo, out, finetuned=(zoo.sharded_ft,), workers=workers), backend="local")
+        assert record.workers == workers
+        assert {name: data for name, data in file_bytes(out).items() if name != "merge_record.json"} == expected
+
+
+def test_auto_backend_takes_ray_only_where_it_runs_or_is_addressed(monkeypatch: pytest.MonkeyPatch) -> None:
+    from actors import merging
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(merging.ray, "is_initialized", lambda: False)
+    assert merging.choose_backend("auto") == "local"
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    assert merging.choose_backend("auto") == "ray"
+    monkeypatch.delenv("RAY_ADDRESS")
+    monkeypatch.setattr(merging.ray, "is_initialized", lambda: True)
+    assert merging.choose_backend("auto") == "ray"
+    assert merging.choose_backend("local") == "local"
+
+
+def test_an_error_in_a_local_worker_leaves_no_trace(zoo: Zoo, tmp_path: Path) -> None:
+    make, changes, message = SAFETY_CASES["nan input"]
+    bad = make(zoo, tmp_path / "bad")
+    out = tmp_path / "out"
+    with pytest.raises(MergeError, match=message):
+        merge_models(_options(zoo, out, finetuned=(bad,), workers=2, **changes), backend="local")
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name not in ("bad",)]
