@@ -98,7 +98,7 @@ class ScoreBook:
     """Per-question counts of each evaluation's samples, read once; ``None`` where a run has no samples file."""
 
     def __init__(self) -> None:
-        self._counts: dict[Path, pd.DataFrame] = {}
+        self._scores: dict[tuple[Path, int], dict[str, pd.Series]] = {}
         self._frames: dict[Path, pd.DataFrame] = {}
 
     def frame(self, path: Path | None) -> pd.DataFrame | None:
@@ -112,9 +112,9 @@ class ScoreBook:
         frame = self.frame(run.samples)
         if frame is None:
             return None
-        if run.samples not in self._counts:
-            self._counts[run.samples] = stats.question_counts(frame)
-        scores = stats.set_scores(self._counts[run.samples], k)
+        if (run.samples, k) not in self._scores:
+            self._scores[run.samples, k] = stats.set_scores(stats.question_counts(frame), k)
+        scores = self._scores[run.samples, k]
         return {name: scores[name] for name in sets} if all(name in scores for name in sets) else None
 
 

@@ -123,10 +123,19 @@ def bootstrap_means(sets: Sequence[np.ndarray], *, resamples: int = RESAMPLES, s
 
 
 def _resampled_means(scores: np.ndarray, resamples: int, rng: np.random.Generator) -> np.ndarray:
-    """Bootstrap means of one score vector, drawn in blocks so memory stays near ``CHUNK_ENTRIES`` indices."""
+    """Bootstrap means of one score vector.
+
+    A resample's mean depends only on how often each distinct score is drawn, and pass@k scores take few distinct
+    values (at most M + 1 per question, (M + 1)² for a paired difference), so where the distinct values are few
+    the counts are drawn at once from a multinomial (the same distribution as resampling indices, B × values
+    work instead of B × n). Otherwise indices are drawn in blocks so memory stays near ``CHUNK_ENTRIES``.
+    """
     n = len(scores)
+    values, counts = np.unique(scores, return_counts=True)
+    if 4 * len(values) <= n:
+        return rng.multinomial(n, counts / n, size=resamples) @ values / n
     block = max(1, CHUNK_ENTRIES // n)
-    means = [scores[rng.integers(0, n, size=(min(block, resamples - start), n))].mean(axis=1)
+    means = [scores[rng.integers(0, n, size=(min(block, resamples - start), n), dtype=np.int32)].mean(axis=1)
              for start in range(0, resamples, block)]
     return np.concatenate(means)
 
@@ -212,7 +221,7 @@ def _t_quantile(df: float, prob: float) -> float:
         return _normal_quantile(prob)
     if df <= 0:
         raise ValueError(f"df must be positive, got {df}")
-    grid = np.linspace(0.0, 200.0, 400_001)
+    grid = np.linspace(0.0, 100.0, 200_001)
     log_norm = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
     density = np.exp(log_norm - (df + 1) / 2 * np.log1p(grid * grid / df))
     cdf = 0.5 + np.concatenate([[0.0], np.cumsum((density[1:] + density[:-1]) / 2 * np.diff(grid))])

@@ -66,6 +66,15 @@ def test_ood_mean_resamples_each_set_and_averages():
     assert result.high - result.low == pytest.approx(2 * half, rel=0.08)
 
 
+def test_counting_distinct_scores_resamples_like_drawing_indices():
+    """Few distinct scores go through a multinomial over them; jittered copies (all distinct) through indices."""
+    rng = np.random.default_rng(4)
+    scores = rng.choice([0.0, 0.5, 1.0], size=400)
+    jittered = scores + rng.uniform(-1e-9, 1e-9, size=400)
+    counted, drawn = percentile_estimate({"s": _series(scores)}), percentile_estimate({"s": _series(jittered)})
+    assert counted.low == pytest.approx(drawn.low, abs=0.006) and counted.high == pytest.approx(drawn.high, abs=0.006)
+
+
 def test_bootstrap_is_deterministic():
     sets = {"s": _series(np.random.default_rng(2).random(50))}
     assert percentile_estimate(sets) == percentile_estimate(sets)
