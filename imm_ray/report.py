@@ -32,7 +32,7 @@ SAMPLE_COLUMNS = ["question_id", "set_name", "completion", "extracted", "correct
 
 
 # ---- the models of a run -------------------------------------------------------------------------------------
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared by identity: a Run holds a DataFrame, whose == is elementwise
 class Run:
     """One evaluation of a model: the seeds it stands for (the base is often one evaluation for every seed)."""
 
