@@ -288,10 +288,10 @@ def test_stage_accounting_counts_shared_stages_once(tmp_path):
         (paths.stages / name).mkdir(parents=True)
         (paths.stages / name / "_COMPLETE.json").write_text(json.dumps({"fingerprint": "x", "seconds": seconds}))
     for trial, merge in (("t1", "merge-c"), ("t2", "merge-d")):
-        where = paths.trials / trial / "imm" / "iter_0"
+        where = paths.trials / trial / "seed_0" / "imm" / "iter_0"
         where.mkdir(parents=True)
         for link, stage in (("generate", "generate-a"), ("sft", "sft-b"), ("merge", merge)):
-            (where / link).symlink_to(Path("../../../../_stages") / stage)
+            (where / link).symlink_to(Path("../../../../../_stages") / stage)
     accounting = account_stages(paths)
     assert accounting.computed_seconds == 33.0 and accounting.unshared_seconds == 63.0
     assert accounting.stages == {"generate": 1, "merge": 2, "sft": 1}
@@ -362,7 +362,7 @@ def test_alpha_sweep_runs_generation_and_sft_once(toy_sweep):
     assert first.accounting.unshared_seconds > first.accounting.computed_seconds
     for outcome in first.outcomes:
         trial = Path(outcome.run_dir)
-        assert (trial / "imm" / "iter_0" / "sft").resolve().parent == first.paths.stages
+        assert (trial / "seed_0" / "imm" / "iter_0" / "sft").resolve().parent == first.paths.stages
         assert (trial / "report.md").is_file()
     assert ALPHA_CONVENTION in first.files.markdown.read_text()
 
