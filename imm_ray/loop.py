@@ -13,6 +13,8 @@ model's evaluation reads no seed, so it is one stage shared by every seed.
 
 from __future__ import annotations
 
+import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +26,7 @@ from rich.console import Console
 from actors.cluster import ray_session
 from imm_ray.config import ExperimentConfig, save_config
 from imm_ray.preflight import ModelRef, PreparedRun, prepare_run
-from imm_ray.stages import StageStore, Step, fingerprint
+from imm_ray.stages import StageStore, Step, fingerprint, read_record
 from imm_ray.steps import (
     Analyze, Evaluate, ExternalModel, FineTune, Generate, Importance, Merge, NoCorrectSamplesError, SelectPairs,
     model_path, run_step,
@@ -45,12 +47,28 @@ class EvalEntry:
     generation: Path | None = None  # the samples this model's iteration was trained from
 
 
+@dataclass(frozen=True)
+class StageEvent:
+    """One stage as an invocation met it: computed, reused, or (when only planning) done or pending."""
+
+    link: str  # the run-folder path that links to the stage, relative to the run folder
+    kind: str
+    fingerprint: str
+    what: str
+    status: str  # computed | reused | done | pending | pending (inputs changed): the link shows an older stage
+    seconds: float | None  # the stage's own compute time (from its completion record)
+
+
+HISTORY_FILE = "history.jsonl"  # one line per invocation of the run: start, end, wall time, what it computed
+
+
 @dataclass
 class RunResult:
     run_dir: Path
     evaluations: list[EvalEntry] = field(default_factory=list)
     seconds: float = 0.0
     table: pd.DataFrame | None = None
+    events: list[StageEvent] = field(default_factory=list)
 
 
 def report_rows(entries: list[EvalEntry]) -> list[dict[str, Any]]:
@@ -63,8 +81,28 @@ def report_rows(entries: list[EvalEntry]) -> list[dict[str, Any]]:
     ]
 
 
-def _timing_note(seconds: float) -> str:
-    return f"## Run\n\nWall time of this invocation: {seconds:.0f} s (stages done earlier were reused, not redone).\n"
+def read_history(run_dir: Path) -> list[dict[str, Any]]:
+    """Every invocation of a run recorded so far, oldest first."""
+    path = Path(run_dir) / HISTORY_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _append_history(run_dir: Path, entry: dict[str, Any]) -> None:
+    with open(Path(run_dir) / HISTORY_FILE, "a") as handle:
+        handle.write(json.dumps(entry) + "\n")
+
+
+def history_note(history: list[dict[str, Any]]) -> str:
+    """The report's record of every invocation, so a rerun that reuses everything does not hide the first."""
+    from imm_ray.report import markdown_table
+
+    rows = [[time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h["started"])), f"{h['seconds']:.0f}",
+             str(h["computed"]), str(h["reused"]), f"{h['stage_seconds']:.0f}"] for h in history]
+    table = markdown_table(["started", "wall s", "stages computed", "stages reused", "stage compute s"], rows)
+    return ("## Run history\n\nEvery invocation of this run (`imm-ray status RUN_DIR` lists every stage).\n\n"
+            + table + "\n")
 
 
 class IterationLoop:
@@ -86,6 +124,8 @@ class IterationLoop:
         self.run_dir = (Path(run_dir) if run_dir is not None else config.run_dir).resolve()
         self.store = StageStore(self.run_dir, Path(stage_cache).resolve() if stage_cache else None)
         self.prepared: PreparedRun | None = None
+        self.events: list[StageEvent] = []
+        self.planning = False  # True: declare and record stages, run none (see plan)
 
     # ---- the loop ---------------------------------------------------------------------------------------
     def run(self) -> RunResult:
@@ -96,18 +136,38 @@ class IterationLoop:
         result = RunResult(self.run_dir)
         with ray_session():
             self.prepared = prepare_run(self.config)
-            base = _external(self.prepared.base)
-            base_eval = self.evaluate(base, self.run_dir / "base" / "eval")
-            for seed in self.config.experiment.seeds:
-                result.evaluations.append(EvalEntry("base", None, "base", base_eval, seed=seed))
-                for name in self.config.experiment.strategies:
-                    result.evaluations.extend(self.run_strategy(STRATEGIES[name], base, seed))
+            self._traverse(result)
         result.seconds = time.time() - started
+        result.events = list(self.events)
+        computed = [e for e in self.events if e.status == "computed"]
+        _append_history(self.run_dir, {
+            "started": started, "ended": time.time(), "seconds": round(result.seconds, 1),
+            "computed": len(computed), "reused": len(self.events) - len(computed),
+            "stage_seconds": round(sum(e.seconds or 0 for e in computed), 1), "argv": sys.argv,
+        })
         from imm_ray.report import write_report
 
         result.table = write_report(self.run_dir, report_rows(result.evaluations), self.config.data.train_set,
-                                    self.config.eval.k, extra=_timing_note(result.seconds))
+                                    self.config.eval.k, extra=history_note(read_history(self.run_dir)))
         return result
+
+    def plan(self) -> list[StageEvent]:
+        """Every stage of the run as declared now, each done or pending; runs nothing and starts no cluster."""
+        self.prepared = prepare_run(self.config, check_cluster=False)
+        self.planning = True
+        try:
+            self._traverse(RunResult(self.run_dir))
+        finally:
+            self.planning = False
+        return list(self.events)
+
+    def _traverse(self, result: RunResult) -> None:
+        base = _external(self.prepared.base)
+        base_eval = self.evaluate(base, self.run_dir / "base" / "eval")
+        for seed in self.config.experiment.seeds:
+            result.evaluations.append(EvalEntry("base", None, "base", base_eval, seed=seed))
+            for name in self.config.experiment.strategies:
+                result.evaluations.extend(self.run_strategy(STRATEGIES[name], base, seed))
 
     def seed_dir(self, seed: int) -> Path:
         return self.run_dir / f"seed_{seed}"
@@ -200,17 +260,32 @@ class IterationLoop:
 
     # ---- plumbing ---------------------------------------------------------------------------------------
     def _run(self, step: Step, link: Path, what: str) -> Path:
-        if self.store.is_done(step.kind, step.fingerprint):
+        done = self.store.is_done(step.kind, step.fingerprint)
+        if self.planning:
+            final = self.store.folder(step.kind, step.fingerprint)
+            stale = link.is_symlink() and link.resolve() != final.resolve()
+            self._record(step, link, what, "done" if done else "pending (inputs changed)" if stale else "pending")
+            return final
+        if done:
             self._say(f"  [dim]{what}: done earlier, reused ({step.kind}-{step.fingerprint[:8]})[/]")
-            return run_step(self.store, step, link)
+            folder = run_step(self.store, step, link)
+            self._record(step, link, what, "reused")
+            return folder
         self._say(f"  {what} ...")
         started = time.time()
         folder = run_step(self.store, step, link)
         self._say(f"  [green]{what}: done in {time.time() - started:.1f} s[/]")
+        self._record(step, link, what, "computed")
         return folder
 
+    def _record(self, step: Step, link: Path, what: str, status: str) -> None:
+        record = read_record(self.store.folder(step.kind, step.fingerprint)) or {}
+        self.events.append(StageEvent(str(link.relative_to(self.run_dir)), step.kind, step.fingerprint, what, status,
+                                      record.get("seconds")))
+
     def _say(self, text: str) -> None:
-        self.console.print(text)
+        if not self.planning:
+            self.console.print(text)
 
 
 def _external(model: ModelRef) -> ExternalModel:
@@ -221,10 +296,11 @@ def _name(model: Step) -> str:
     return Path(model.path).name if isinstance(model, ExternalModel) else f"{model.kind}-{model.fingerprint[:8]}"
 
 
-def _count(store: StageStore, pairs: SelectPairs) -> int:
+def _count(store: StageStore, pairs: SelectPairs) -> str:
     import pyarrow.parquet as pq
 
-    return pq.ParquetFile(store.folder(pairs.kind, pairs.fingerprint) / "pairs.parquet").metadata.num_rows
+    file = store.folder(pairs.kind, pairs.fingerprint) / "pairs.parquet"
+    return str(pq.ParquetFile(file).metadata.num_rows) if file.is_file() else "the selected"
 
 
 def _mix(seed: int, iteration: int) -> int:
@@ -232,4 +308,5 @@ def _mix(seed: int, iteration: int) -> int:
     return int(fingerprint({"seed": seed, "iteration": iteration})[:8], 16)
 
 
-__all__ = ["IterationLoop", "NoCorrectSamplesError", "RunResult", "EvalEntry", "ModelRef", "model_path"]
+__all__ = ["IterationLoop", "NoCorrectSamplesError", "RunResult", "EvalEntry", "ModelRef", "StageEvent", "model_path",
+           "read_history"]

@@ -217,8 +217,11 @@ def prepare_eval(config: ExperimentConfig) -> PreparedRun:
     return prepare_run(config, with_training_data=False)
 
 
-def prepare_run(config: ExperimentConfig, *, with_training_data: bool = True) -> PreparedRun:
-    """Resolve models, load data and check resources; raise :class:`PreflightError` on the first problem."""
+def prepare_run(config: ExperimentConfig, *, with_training_data: bool = True, check_cluster: bool = True) -> PreparedRun:
+    """Resolve models, load data and check resources; raise :class:`PreflightError` on the first problem.
+
+    ``check_cluster=False`` skips the one check that needs a Ray cluster (``imm-ray status`` declares a run's
+    stages without starting one)."""
     from actors.engines import resolve_engine_kind
 
     cfg, data = config, config.data
@@ -237,7 +240,8 @@ def prepare_run(config: ExperimentConfig, *, with_training_data: bool = True) ->
         name: _load("data.eval_sets", name, data.eval_split, data.data_dir, data.eval_limit, seed)
         for name in data.eval_sets
     }
-    check_resources(cfg)
+    if check_cluster:
+        check_resources(cfg)
     try:
         engine_kind = resolve_engine_kind(cfg.generation.engine)
     except RuntimeError as error:

@@ -19,7 +19,7 @@ import pytest
 from safetensors.torch import load_file
 
 from imm_ray.config import load_config
-from imm_ray.loop import IterationLoop
+from imm_ray.loop import IterationLoop, read_history
 from imm_ray.stages import RECORD_NAME
 
 pytestmark = pytest.mark.integration
@@ -95,8 +95,12 @@ def test_merged_model_is_alpha_between_base_and_sft(finished_run):
 def test_rerun_reuses_every_stage(finished_run):
     before = _records(finished_run)
     config = load_config(finished_run / "config.yaml")
-    IterationLoop(config, run_dir=finished_run).run()
+    again = IterationLoop(config, run_dir=finished_run).run()
     assert _records(finished_run) == before
+    assert again.events and all(e.status == "reused" for e in again.events)
+    history = read_history(finished_run)
+    assert [h["computed"] for h in history] == [len(before), 0]  # the first invocation's work stays on record
+    assert "## Run history" in (finished_run / "report.md").read_text()
 
 
 def test_killed_mid_sft_resumes_from_its_checkpoint_to_the_same_results(finished_run, ray_cluster, tmp_path):
