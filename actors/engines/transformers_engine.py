@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from actors.engines.base import EngineSpec, GenerationEngine, SamplingRequest, cut_at_stop
+from imm_ray.tokens import encode_prompt
 
 
 class PreallocatedLayer(DynamicLayer):
@@ -90,8 +91,8 @@ class TransformersEngine(GenerationEngine):
 
     @torch.inference_mode()
     def generate(self, prompts: Sequence[str], request: SamplingRequest) -> list[list[str]]:
-        encoded = self.tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False)
-        encoded = encoded.to(self.device)
+        ids = [encode_prompt(self.tokenizer, prompt) for prompt in prompts]  # as SFT and the analysis encode them
+        encoded = self.tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt").to(self.device)
         torch.manual_seed(request.seed)
         sampling = request.temperature > 0
         # greedy decoding gives one answer per prompt: decode it once and repeat it n times

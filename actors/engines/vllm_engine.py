@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from actors.engines.base import EngineSpec, GenerationEngine, SamplingRequest, cut_at_stop
+from imm_ray.tokens import encode_prompt
 
 if TYPE_CHECKING:
     from vllm import LLM, SamplingParams
@@ -92,9 +93,9 @@ class VLLMEngine(GenerationEngine):
         self.tokenizer = self.llm.get_tokenizer()
 
     def generate(self, prompts: Sequence[str], request: SamplingRequest) -> list[list[str]]:
-        """Prompts go in as token ids encoded without special tokens, as the transformers engine encodes them
-        (vLLM's own text path would add a BOS token for tokenizers that define one)."""
-        inputs = [{"prompt_token_ids": self.tokenizer.encode(p, add_special_tokens=False)} for p in prompts]
+        """Prompts go in as token ids from the one tokenising helper (imm_ray.tokens.encode_prompt), as the
+        transformers engine, SFT and the layer analysis encode them: one BOS where the tokenizer adds one."""
+        inputs = [{"prompt_token_ids": encode_prompt(self.tokenizer, p)} for p in prompts]
         params = [sampling_params(request, i) for i in range(len(prompts))]
         outputs = self.llm.generate(inputs, sampling_params=params, use_tqdm=False)
         return [self._completions(output, request) for output in outputs]
