@@ -16,6 +16,20 @@ name, and Ray Train merges the ranks' files into one checkpoint folder in ``stor
 On a restart, ``ray.train.get_checkpoint()`` gives that folder; each rank loads the master weights into the
 model before DeepSpeed partitions it, then sets its own slice of the fp32 master and moments, the AdamW step and
 the learning-rate schedule, and skips the samples already trained on. Nothing is unpickled.
+
+When to checkpoint (``checkpoints``): True always, False never, "auto" (the default) only where a checkpoint can be
+used and pays for itself: the job can restart (``max_failures`` != 0, or an elastic range, whose resizes restart
+the worker group) and its training is estimated, after the first optimizer step (the slowest rank's time × the
+run's optimizer steps), to take longer than ``checkpoint_min_seconds`` (60 s). A job that cannot restart never
+reads a checkpoint (a rerun of the loop starts a new Ray Train run), so writing one is pure cost: each costs a
+gather of the fp32 master weights and both AdamW moments, a safetensors write per rank and Ray Train's merge of
+the ranks' folders. The decision is the same on every rank (the first step's time is all-reduced), as the save is
+collective.
+
+The training log has a ``timeline`` (seconds from the ``run_sft`` call, rank 0's view): worker start, imports
+done, process group up, data and model ready, DeepSpeed initialised, training done, model saved, and the driver's
+fit end and clean-up; plus ``train_seconds`` (the step loop alone, checkpoints excluded), ``checkpoint_seconds``
+and ``tokens`` (non-padding tokens trained on, all ranks).
 """
 
 from __future__ import annotations
@@ -70,7 +84,8 @@ class SFTJob(BaseModel):
     cpus_per_worker: float = 1
     use_gpu: bool = False
     max_failures: int = Field(0, ge=-1)  # worker-group restarts from the last checkpoint; -1: no limit
-    checkpoints: bool = True  # False: a restart begins again from the base model
+    checkpoints: bool | Literal["auto"] = "auto"  # False: a restart begins again from the base model; auto: see above
+    checkpoint_min_seconds: float = Field(60.0, ge=0)  # auto: checkpoint only runs estimated to train longer
     checkpoint_every_steps: int | None = Field(None, ge=1)  # besides each epoch end; None: epoch ends only
     keep_checkpoints: bool = False  # False: the run's Ray Train folder is deleted once the model is written
     resize_check_interval_s: float = Field(60.0, gt=0)  # elastic: how often Ray Train looks for more workers
@@ -81,13 +96,31 @@ class SFTJob(BaseModel):
     def _consistent(self) -> SFTJob:
         if self.min_workers is not None and self.min_workers > self.num_workers:
             raise ValueError(f"min_workers ({self.min_workers}) must not exceed num_workers ({self.num_workers})")
-        if self.checkpoints and self.zero_stage == 0 and self.precision != "fp32":
+        if self.checkpoints is True and self.zero_stage == 0 and self.precision != "fp32":
             raise ValueError(f"checkpoints with {self.precision} need zero_stage >= 1: without ZeRO, DeepSpeed's "
                              "mixed-precision optimizer keeps the fp32 master weights out of reach")
         if self.fail_once_after_epoch is not None and self.fail_once_after_epoch > self.epochs:
             raise ValueError(f"fail_once_after_epoch ({self.fail_once_after_epoch}) is past the last epoch "
                              f"({self.epochs})")
         return self
+
+    @property
+    def restartable(self) -> bool:
+        """Whether Ray Train may restart the worker group (failures allowed, or elastic resizes)."""
+        return self.max_failures != 0 or self.min_workers is not None
+
+    def may_checkpoint(self) -> bool:
+        """False where no checkpoint will be written (so none is read either)."""
+        if self.checkpoints == "auto":
+            return self.restartable and not (self.zero_stage == 0 and self.precision != "fp32")
+        return bool(self.checkpoints)
+
+
+def decide_checkpoints(job: SFTJob, first_step_seconds: float, total_steps: int) -> bool:
+    """The "auto" rule (module docstring): restartable and estimated training time > ``checkpoint_min_seconds``."""
+    if job.checkpoints != "auto":
+        return bool(job.checkpoints)
+    return job.may_checkpoint() and first_step_seconds * total_steps > job.checkpoint_min_seconds
 
 
 class Progress(BaseModel):
@@ -402,19 +435,22 @@ def _maybe_fail(job: SFTJob, epoch: int, rank: int, world: int) -> None:
 
 def _train_worker(config: dict[str, Any]) -> None:
     """The per-worker training loop (runs inside a Ray Train worker process)."""
+    timeline = {"worker_start": time.time()}
     import deepspeed
     import ray.train
     import torch
     from transformers import AutoTokenizer, get_scheduler
 
+    timeline["imported"] = time.time()
     job = SFTJob.model_validate(config)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(max(1, int(job.cpus_per_worker)))
     torch.manual_seed(job.seed)
     deepspeed.init_distributed(dist_backend="nccl" if job.use_gpu else "gloo")
+    timeline["process_group"] = time.time()
 
-    checkpoint = ray.train.get_checkpoint() if job.checkpoints else None
+    checkpoint = ray.train.get_checkpoint() if job.may_checkpoint() else None
     with checkpoint.as_directory() if checkpoint else nullcontext(None) as resume:
         resume_dir = Path(resume) if resume else None
         progress = Progress.model_validate_json((resume_dir / PROGRESS_FILE).read_text()) if resume_dir else Progress()
@@ -427,6 +463,7 @@ def _train_worker(config: dict[str, Any]) -> None:
             tokenizer.pad_token = tokenizer.eos_token
         examples = _load_examples(job, tokenizer)
         model = _load_model(job, resume_dir)
+        timeline["model_ready"] = time.time()
         total = optimizer_steps(job, len(examples), world, progress)
         optimizer = torch.optim.AdamW(model.parameters(), lr=job.learning_rate, weight_decay=job.weight_decay)
         scheduler = get_scheduler(job.lr_scheduler, optimizer, num_warmup_steps=int(job.warmup_ratio * total),
@@ -436,23 +473,44 @@ def _train_worker(config: dict[str, Any]) -> None:
         if resume_dir is not None:
             _restore_optimizer(engine, optimizer, resume_dir, progress.adam_step)
             _restore_schedule(scheduler, progress.optimizer_steps)
+    timeline["deepspeed_ready"] = time.time()
 
     started = time.perf_counter()
-    _train_epochs(job, engine, optimizer, examples, tokenizer.pad_token_id, progress, rank, world)
+    stats = _train_epochs(job, engine, optimizer, examples, tokenizer.pad_token_id, progress, rank, world, total)
+    timeline["trained"] = time.time()
     _save_consolidated(engine, job, tokenizer, _base_dtype(job), rank)
+    timeline["saved"] = time.time()
     if rank == 0:
         log = {"epochs": progress.history, "world_size": world, "optimizer_steps": progress.optimizer_steps,
                "attempts": progress.attempts, "last_attempt_seconds": round(time.perf_counter() - started, 2),
-               "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated(engine.device) if job.use_gpu else None}
+               "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated(engine.device) if job.use_gpu else None,
+               **stats, "worker_timeline": timeline}
         Path(job.output_dir, TRAINING_LOG).write_text(json.dumps(log, indent=2))
 
 
 def _train_epochs(job: SFTJob, engine, optimizer, examples, pad_id: int, progress: Progress, rank: int,
-                  world: int) -> None:
-    """Train from ``progress`` to the last epoch, checkpointing as the job says; updates ``progress``."""
+                  world: int, total_steps: int) -> dict[str, Any]:
+    """Train from ``progress`` to the last epoch, checkpointing as the job says; updates ``progress``.
+
+    Returns the time in the step loop (``train_seconds``), in checkpoints, the tokens trained on (all ranks) and
+    whether checkpoints were written."""
     import ray.train
+    import torch
+    import torch.distributed as dist
 
     accumulate = job.gradient_accumulation_steps
+    checkpoints = job.checkpoints is True  # "auto" decides after the first optimizer step
+    decided = job.checkpoints != "auto"
+    loop_started = time.perf_counter()
+    checkpoint_seconds, tokens = 0.0, 0
+
+    def save(metrics: dict[str, Any]) -> None:
+        nonlocal checkpoint_seconds
+        began = time.perf_counter()
+        progress.adam_step = _adam_step(optimizer)
+        _save_checkpoint(engine, optimizer, progress, metrics, rank, world)
+        checkpoint_seconds += time.perf_counter() - began
+
     while progress.epoch < job.epochs:
         batches = epoch_batches(len(examples), seed=job.seed, epoch=progress.epoch, start=progress.consumed,
                                 rank=rank, world=world, batch_size=job.per_device_batch_size)
@@ -460,6 +518,7 @@ def _train_epochs(job: SFTJob, engine, optimizer, examples, pad_id: int, progres
             boundary = (index + 1) % accumulate == 0 or index + 1 == len(batches)
             engine.set_gradient_accumulation_boundary(boundary)  # an epoch's last micro-batch always steps
             tensors = {k: v.to(engine.device) for k, v in _collate([examples[i] for i in batch], pad_id).items()}
+            tokens += int(tensors["attention_mask"].sum())
             loss = engine(**tensors).loss
             engine.backward(loss)
             engine.step()
@@ -468,21 +527,28 @@ def _train_epochs(job: SFTJob, engine, optimizer, examples, pad_id: int, progres
             if not boundary:
                 continue
             progress.optimizer_steps += 1
+            if not decided:
+                first = torch.tensor([time.perf_counter() - loop_started], dtype=torch.float64)
+                if dist.is_initialized():
+                    dist.all_reduce(first, op=dist.ReduceOp.MAX)
+                checkpoints, decided = decide_checkpoints(job, float(first), total_steps), True
             every = job.checkpoint_every_steps
-            if job.checkpoints and every and progress.optimizer_steps % every == 0 and index + 1 < len(batches):
-                progress.adam_step = _adam_step(optimizer)
-                _save_checkpoint(engine, optimizer, progress, {"epoch": progress.epoch,
-                                 "optimizer_steps": progress.optimizer_steps}, rank, world)
+            if checkpoints and every and progress.optimizer_steps % every == 0 and index + 1 < len(batches):
+                save({"epoch": progress.epoch, "optimizer_steps": progress.optimizer_steps})
         done = {"epoch": progress.epoch + 1, "loss": progress.loss_sum / max(progress.loss_count, 1),
                 "examples": len(examples), "optimizer_steps": progress.optimizer_steps}
         progress.history.append(done)
         progress.epoch, progress.consumed, progress.loss_sum, progress.loss_count = progress.epoch + 1, 0, 0.0, 0
-        if job.checkpoints:
-            progress.adam_step = _adam_step(optimizer)
-            _save_checkpoint(engine, optimizer, progress, done, rank, world)
+        if checkpoints:
+            save(done)
         else:
             ray.train.report(done)
         _maybe_fail(job, progress.epoch, rank, world)
+    counted = torch.tensor([tokens], dtype=torch.int64)
+    if dist.is_initialized():
+        dist.all_reduce(counted)
+    return {"train_seconds": round(time.perf_counter() - loop_started - checkpoint_seconds, 3),
+            "checkpoint_seconds": round(checkpoint_seconds, 3), "tokens": int(counted), "checkpointed": checkpoints}
 
 
 def _save_consolidated(engine, job: SFTJob, tokenizer, save_dtype, rank: int) -> None:
@@ -530,6 +596,7 @@ def run_sft(job: SFTJob) -> dict[str, Any]:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    called = time.time()
     if Path(job.output_dir).exists():
         raise FileExistsError(f"SFT output folder already exists: {job.output_dir}")
     workers = (job.min_workers, job.num_workers) if job.min_workers else job.num_workers
@@ -552,6 +619,12 @@ def run_sft(job: SFTJob) -> dict[str, Any]:
     log = Path(job.output_dir) / TRAINING_LOG
     if not (Path(job.output_dir) / "config.json").is_file() or not log.is_file():
         raise RuntimeError(f"SFT finished but wrote no model to {job.output_dir}")
+    fitted = time.time()
     if not job.keep_checkpoints:
         result.filesystem.delete_dir(result.path)  # pyarrow's filesystem: a local folder or an S3 prefix
-    return json.loads(log.read_text())
+    data = json.loads(log.read_text())
+    worker = data.pop("worker_timeline", {})
+    data["timeline"] = {name: round(at - called, 3) for name, at in
+                        {**worker, "fit_returned": fitted, "cleaned_up": time.time()}.items()}
+    log.write_text(json.dumps(data, indent=2))
+    return data

@@ -13,6 +13,7 @@ from actors.training import (
     IGNORE_INDEX,
     PROGRESS_FILE,
     Progress,
+    decide_checkpoints,
     SFTJob,
     deepspeed_config,
     epoch_batches,
@@ -60,10 +61,23 @@ def test_job_errors_name_the_field():
     with pytest.raises(ValueError, match=r"min_workers \(5\) must not exceed num_workers \(4\)"):
         _sft_job(min_workers=5, num_workers=4)
     with pytest.raises(ValueError, match="checkpoints with bf16 need zero_stage >= 1"):
-        _sft_job(zero_stage=0, precision="bf16")
+        _sft_job(zero_stage=0, precision="bf16", checkpoints=True)
     assert _sft_job(zero_stage=0, precision="bf16", checkpoints=False).zero_stage == 0
+    assert not _sft_job(zero_stage=0, precision="bf16", max_failures=1).may_checkpoint()  # auto: off there
     with pytest.raises(ValueError, match=r"fail_once_after_epoch \(3\) is past the last epoch \(2\)"):
         _sft_job(epochs=2, fail_once_after_epoch=3)
+
+
+def test_auto_checkpoints_only_where_a_restart_can_use_them_and_the_run_is_long():
+    short, long = (0.1, 100), (1.0, 100)  # (first step seconds, optimizer steps): 10 s and 100 s estimated
+    assert not decide_checkpoints(_sft_job(), *long)  # max_failures 0, not elastic: nothing would read one
+    assert not decide_checkpoints(_sft_job(max_failures=1), *short)
+    assert decide_checkpoints(_sft_job(max_failures=1), *long)
+    assert decide_checkpoints(_sft_job(min_workers=1), *long)  # elastic resizes restart the worker group
+    assert decide_checkpoints(_sft_job(max_failures=1, checkpoint_min_seconds=5), *short)
+    assert decide_checkpoints(_sft_job(checkpoints=True), *short)
+    assert not decide_checkpoints(_sft_job(checkpoints=False, max_failures=-1), *long)
+    assert not _sft_job().may_checkpoint() and _sft_job(max_failures=-1).may_checkpoint()
 
 
 def test_storage_uri_keeps_urls_and_makes_local_paths_absolute():
@@ -109,10 +123,14 @@ def test_ray_train_deepspeed_sft_learns_the_response(ray_cluster, tiny_model, tm
                  ).to_parquet(data)
     job = SFTJob(model_path=str(tiny_model), data_path=str(data), output_dir=str(tmp_path / "out"),
                  storage_path=str(tmp_path / "ray"), epochs=3, learning_rate=3e-3, per_device_batch_size=4,
-                 precision="fp32", zero_stage=2, num_workers=2, checkpoint_every_steps=1, keep_checkpoints=True)
+                 precision="fp32", zero_stage=2, num_workers=2, checkpoint_every_steps=1, keep_checkpoints=True,
+                 checkpoints=True)
     log = run_sft(job)
     losses = [epoch["loss"] for epoch in log["epochs"]]
     assert log["world_size"] == 2 and losses[-1] < losses[0]
+    assert log["checkpointed"] and log["tokens"] > 0 and log["train_seconds"] > 0
+    timeline = log["timeline"]
+    assert 0 < timeline["worker_start"] <= timeline["model_ready"] <= timeline["trained"] <= timeline["cleaned_up"]
     assert log["optimizer_steps"] == 3 * math.ceil(16 / 2 / 4)
 
     # Ray Train kept only the last checkpoint (the one at the end), merged from both ranks' files.

@@ -30,7 +30,7 @@ def _job(tmp: Path, model: Path, name: str, **overrides) -> SFTJob:
     settings = dict(
         model_path=str(model), data_path=str(data), output_dir=str(tmp / name / "model"),
         storage_path=str(tmp / "ray"), name=name, seed=7, epochs=2, learning_rate=3e-3, per_device_batch_size=2,
-        gradient_accumulation_steps=2, warmup_ratio=0.1, precision="bf16", zero_stage=3,
+        gradient_accumulation_steps=2, warmup_ratio=0.1, precision="bf16", zero_stage=3, checkpoints=True,
     )
     return SFTJob(**(settings | overrides))
 
