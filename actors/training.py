@@ -17,14 +17,14 @@ On a restart, ``ray.train.get_checkpoint()`` gives that folder; each rank loads 
 model before DeepSpeed partitions it, then sets its own slice of the fp32 master and moments, the AdamW step and
 the learning-rate schedule, and skips the samples already trained on. Nothing is unpickled.
 
-When to checkpoint (``checkpoints``): True always, False never, "auto" (the default) only where a checkpoint can be
-used and pays for itself: the job can restart (``max_failures`` != 0, or an elastic range, whose resizes restart
-the worker group) and its training is estimated, after the first optimizer step (the slowest rank's time × the
-run's optimizer steps), to take longer than ``checkpoint_min_seconds`` (60 s). A job that cannot restart never
-reads a checkpoint (a rerun of the loop starts a new Ray Train run), so writing one is pure cost: each costs a
-gather of the fp32 master weights and both AdamW moments, a safetensors write per rank and Ray Train's merge of
-the ranks' folders. The decision is the same on every rank (the first step's time is all-reduced), as the save is
-collective.
+When to checkpoint (``checkpoints``): True always, False never, "auto" (the default) only where a checkpoint pays
+for itself: training is estimated, after the first optimizer step (the slowest rank's time × the run's optimizer
+steps), to take longer than ``checkpoint_min_seconds`` (60 s). A checkpoint is read by a restarted worker group
+(``max_failures`` != 0, or an elastic resize) and by a rerun of the loop after the driver died (the loop names the
+Ray Train run by the stage's fingerprint, so the same run is found again); for a stage that trains in seconds,
+redoing it costs less than checkpointing it: each checkpoint is a gather of the fp32 master weights and both AdamW
+moments, a safetensors write per rank and Ray Train's merge of the ranks' folders. The decision is the same on
+every rank (the first step's time is all-reduced), as the save is collective.
 
 The training log has a ``timeline`` (seconds from the ``run_sft`` call, rank 0's view): worker start, imports
 done, process group up, data and model ready, DeepSpeed initialised, training done, model saved, and the driver's
@@ -104,20 +104,15 @@ class SFTJob(BaseModel):
                              f"({self.epochs})")
         return self
 
-    @property
-    def restartable(self) -> bool:
-        """Whether Ray Train may restart the worker group (failures allowed, or elastic resizes)."""
-        return self.max_failures != 0 or self.min_workers is not None
-
     def may_checkpoint(self) -> bool:
         """False where no checkpoint will be written (so none is read either)."""
         if self.checkpoints == "auto":
-            return self.restartable and not (self.zero_stage == 0 and self.precision != "fp32")
+            return not (self.zero_stage == 0 and self.precision != "fp32")
         return bool(self.checkpoints)
 
 
 def decide_checkpoints(job: SFTJob, first_step_seconds: float, total_steps: int) -> bool:
-    """The "auto" rule (module docstring): restartable and estimated training time > ``checkpoint_min_seconds``."""
+    """The "auto" rule (module docstring): estimated training time > ``checkpoint_min_seconds``."""
     if job.checkpoints != "auto":
         return bool(job.checkpoints)
     return job.may_checkpoint() and first_step_seconds * total_steps > job.checkpoint_min_seconds

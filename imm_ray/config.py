@@ -138,7 +138,10 @@ class SFTSection(_Section):
     max_length: int = Field(512, ge=8)
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     zero_stage: Literal[0, 1, 2, 3] = 3
-    checkpoint_every_steps: int | None = Field(None, ge=1)  # Ray Train checkpoints besides each epoch end
+    # Ray Train checkpoints (read after a worker failure, an elastic resize, or a rerun after the driver died):
+    # "auto" writes them only where training is estimated to take over a minute (actors/training.py)
+    checkpoints: bool | Literal["auto"] = "auto"
+    checkpoint_every_steps: int | None = Field(None, ge=1)  # besides each epoch end
 
 
 class MergeSection(_Section):

@@ -68,16 +68,18 @@ def test_job_errors_name_the_field():
         _sft_job(epochs=2, fail_once_after_epoch=3)
 
 
-def test_auto_checkpoints_only_where_a_restart_can_use_them_and_the_run_is_long():
+def test_auto_checkpoints_only_runs_long_enough_to_pay_for_them():
     short, long = (0.1, 100), (1.0, 100)  # (first step seconds, optimizer steps): 10 s and 100 s estimated
-    assert not decide_checkpoints(_sft_job(), *long)  # max_failures 0, not elastic: nothing would read one
+    # a rerun after the driver died reads one too (the run is named by its stage), so no restart budget is needed
+    assert decide_checkpoints(_sft_job(), *long)
+    assert not decide_checkpoints(_sft_job(), *short)
     assert not decide_checkpoints(_sft_job(max_failures=1), *short)
     assert decide_checkpoints(_sft_job(max_failures=1), *long)
     assert decide_checkpoints(_sft_job(min_workers=1), *long)  # elastic resizes restart the worker group
     assert decide_checkpoints(_sft_job(max_failures=1, checkpoint_min_seconds=5), *short)
     assert decide_checkpoints(_sft_job(checkpoints=True), *short)
     assert not decide_checkpoints(_sft_job(checkpoints=False, max_failures=-1), *long)
-    assert not _sft_job().may_checkpoint() and _sft_job(max_failures=-1).may_checkpoint()
+    assert _sft_job().may_checkpoint() and not _sft_job(checkpoints=False).may_checkpoint()
 
 
 def test_storage_uri_keeps_urls_and_makes_local_paths_absolute():

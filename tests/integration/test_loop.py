@@ -29,7 +29,7 @@ SMALL = [
     "experiment.iterations=1", "experiment.strategies=[imm, vanilla]",
     "data.train_limit=24", "data.eval_limit=8", "generation.samples_per_question=2",
     "generation.temperatures=[0.6]", "eval.samples=2", "eval.k=[1,2]", "sft.epochs=2",
-    "sft.checkpoint_every_steps=1",  # so that a run killed mid-SFT has a checkpoint to resume from
+    "sft.checkpoints=true", "sft.checkpoint_every_steps=1",  # a run killed mid-SFT has a checkpoint to resume
 ]
 
 
