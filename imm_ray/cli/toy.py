@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 
 from imm_ray.cli.app import toy_app
-from imm_ray.data.toy import TOY_SETS, load_toy
+from imm_ray.data.toy import TOY_SETS, ToyMixture, load_toy
 from imm_ray.toy import TOY_MODEL_DIR
 
 _console = Console()
@@ -29,6 +29,9 @@ def build(
     target_id_accuracy: float = typer.Option(
         0.4, help="Stop at the first periodic eval with greedy ID pass@1 >= this (0: train the full budget)."
     ),
+    id_share: float = typer.Option(
+        0.1, help="Share of the in-domain family in the pretraining mixture (the OOD families split the rest)."
+    ),
     device: str = typer.Option("cpu", help="torch device to train on."),
     overwrite: bool = typer.Option(False, help="Replace an existing folder."),
 ) -> None:
@@ -36,9 +39,13 @@ def build(
     from imm_ray.toy.pretrain import RECORD_NAME, PretrainSpec, build_toy  # torch: imported only when used
 
     try:
+        if not 0 < id_share < 1:
+            raise ValueError(f"--id-share must be in (0, 1), got {id_share}")
+        rest = (1 - id_share) / 2
+        mixture = ToyMixture(((TOY_SETS[0], id_share), (TOY_SETS[1], rest), (TOY_SETS[2], rest)))
         spec = replace(
             PretrainSpec(), seed=seed, tokens=tokens, max_minutes=minutes, device=device,
-            target_id_accuracy=target_id_accuracy or None,
+            target_id_accuracy=target_id_accuracy or None, mixture=mixture,
         )
         record = build_toy(spec, out, overwrite=overwrite)
     except (ValueError, FileExistsError) as error:

