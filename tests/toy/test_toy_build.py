@@ -141,3 +141,9 @@ def test_cli_defaults_are_the_spec_defaults() -> None:
     spec = PretrainSpec()
     assert (defaults["tokens"], defaults["seed"], defaults["device"]) == (spec.tokens, spec.seed, spec.device)
     assert defaults["target_id_accuracy"] == spec.target_id_accuracy
+    assert dict(spec.mixture.weights)[TOY_SETS[0]] == defaults["id_share"]
+
+
+def test_cli_rejects_an_id_share_outside_zero_one(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["toy", "build", "--out", str(tmp_path / "x"), "--id-share", "1.5"])
+    assert result.exit_code == 2 and "--id-share" in " ".join(result.output.split())
