@@ -32,7 +32,7 @@ def evaluate(
     num_shots: int = typer.Option(0, "--num-shots", min=0, help="Few-shot exemplars in the prompt (paper: 10)."),
     engine: str = typer.Option("auto", "--engine", help="auto | transformers | vllm"),
     actors: int = typer.Option(1, "--actors", min=1, help="Generation actors in the pool."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="Seed of the sampling (the loop's eval.seed)."),
     out: Path = typer.Option(Path("eval_out"), "--out", help="Folder for per-set JSON, metrics.csv and metrics.md."),
 ) -> None:
     """Sample answers, grade them, and report pass@k per set (JSON per set, a CSV and a markdown table)."""
@@ -56,12 +56,12 @@ def _config(model, names, data_dir, split, samples, ks, limit, temperature, max_
     from imm_ray.config import validate
 
     return validate({
-        "experiment": {"seed": seed, "strategies": ["vanilla"]},
+        "experiment": {"strategies": ["vanilla"]},
         "model": {"path": str(model)},
         "data": {"train_set": names[0], "eval_sets": names, "eval_split": split, "eval_limit": limit,
-                 "data_dir": str(data_dir) if data_dir else None, "num_shots": num_shots},
+                 "data_dir": str(data_dir) if data_dir else None},
         "generation": {"engine": engine, "max_new_tokens": max_new_tokens},
-        "eval": {"samples": samples, "k": ks, "temperature": temperature},
+        "eval": {"samples": samples, "k": ks, "temperature": temperature, "num_shots": num_shots, "seed": seed},
         "resources": {"generation_actors": actors},
     }, "eval options")
 
