@@ -1,0 +1,209 @@
+"""Loop benchmark: each stage kind's wall time in the real loop beside its floor done by one warm process.
+
+Runs (unless ``--run-dir`` names a finished run) ``imm-ray run configs/toy.yaml --set experiment.name=bench
+[--set ...]`` from scratch, reads each stage's completion record (``runs/<name>/_stages/*/_COMPLETE.json``,
+"seconds") and measures, on the same inputs, the floor of each kind in warm processes (start-up excluded):
+
+- generate / eval: the transformers engine (the spec the loop builds: ``EngineSpec(kind="transformers")``, dtype
+  and attention resolved on this machine) on the stage's own prompts, grouped as the pipeline groups them
+  (temperature, sample count), split over one process per core, all of a process's prompts in one call;
+- sft: a plain single-process torch loop (AdamW, same model, same pairs, same global batch per optimizer step,
+  same epochs, fp32, torch threads = cores) against the stage's own ``train_seconds`` and tokens (training log);
+- merge: the safetensors I/O floor (read base and SFT model, write one).
+
+Fixed start-up per stage = stage seconds − floor (for SFT also the training log's timeline). Timing is
+``time.perf_counter`` only; the load average (``/proc/loadavg``) is printed before and after.
+
+Usage: python benchmarks/loop_bench.py [--run-dir runs/bench] [--set section.field=value ...] [--no-write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+DOC = ROOT / "docs" / "benchmarks.md"
+START, END = "<!-- loop-bench:start -->", "<!-- loop-bench:end -->"
+
+
+def load() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def records(run_dir: Path) -> list[tuple[Path, dict]]:
+    found = []
+    for record in sorted((run_dir / "_stages").glob("*/_COMPLETE.json")):
+        found.append((record.parent, json.loads(record.read_text())))
+    return found
+
+
+def _engine_worker(args: tuple[str, list[tuple[float, int, list[str]]], int]) -> float:
+    """One warm process: build the engine (untimed), then time its share of every (temperature, n) group."""
+    model_path, groups, max_new_tokens = args
+    from actors.engines import EngineSpec, SamplingRequest, make_engine
+    from imm_ray.data.prompts import STOP_STRINGS
+
+    engine = make_engine(EngineSpec(kind="transformers", model_path=model_path))
+    engine.generate(groups[0][2][:2], SamplingRequest(n=1, temperature=0.6, max_new_tokens=4, seed=0))
+    started = time.perf_counter()
+    for temperature, n, prompts in groups:
+        engine.generate(prompts, SamplingRequest(n=n, temperature=temperature, max_new_tokens=max_new_tokens,
+                                                 seed=1, stop=STOP_STRINGS))
+    return time.perf_counter() - started
+
+
+def generation_floor(folder: Path, model_path: str, max_new_tokens: int, cores: int) -> float:
+    import pandas as pd
+
+    frame = pd.read_parquet(folder / "samples.parquet", columns=["question_id", "prompt", "temperature"])
+    counts = frame.groupby(["temperature", "question_id", "prompt"]).size().reset_index(name="n")
+    shares: list[list[tuple[float, int, list[str]]]] = [[] for _ in range(cores)]
+    for (temperature, n), group in counts.groupby(["temperature", "n"]):
+        prompts = list(group["prompt"])
+        for core in range(cores):
+            part = prompts[core::cores]
+            if part:
+                shares[core].append((float(temperature), int(n), part))
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(cores) as pool:
+        return max(pool.map(_engine_worker, [(model_path, share, max_new_tokens) for share in shares if share]))
+
+
+def sft_floor(pairs: Path, model_path: str, log: dict, config: dict, cores: int) -> tuple[float, int]:
+    """A plain torch loop over the same pairs: (seconds in the step loop, tokens)."""
+    import pandas as pd
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from actors.training import _collate, epoch_batches
+
+    def tokenize_pair(tokenizer, prompt: str, response: str, max_length: int):  # the SFT worker's pairs
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        return (prompt_ids + response_ids)[:max_length], ([-100] * len(prompt_ids) + response_ids)[:max_length]
+
+    torch.set_num_threads(cores)
+    sft = config["sft"]
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    frame = pd.read_parquet(pairs, columns=["prompt", "response"])
+    examples = [tokenize_pair(tokenizer, p, r, sft["max_length"]) for p, r in zip(frame["prompt"], frame["response"])]
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=sft["learning_rate"])
+    batch = sft["per_device_batch_size"] * log["world_size"]
+    tokens, started = 0, time.perf_counter()
+    for epoch in range(sft["epochs"]):
+        for indices in epoch_batches(len(examples), seed=0, epoch=epoch, start=0, rank=0, world=1, batch_size=batch):
+            tensors = _collate([examples[i] for i in indices], tokenizer.pad_token_id)
+            tokens += int(tensors["attention_mask"].sum())
+            loss = model(**tensors).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad()
+    return time.perf_counter() - started, tokens
+
+
+def io_floor(base: Path, sft: Path, out: Path) -> float:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    started = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for folder in (base, sft):
+        for file in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(file), "pt") as handle:
+                tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    save_file(tensors, out / "model.safetensors")
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--run-dir", type=Path, default=None, help="a finished run to read instead of running one")
+    parser.add_argument("--set", action="append", default=[], help="extra --set for the run")
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    before = load()
+    cores = len(os.sched_getaffinity(0))
+    run_dir = args.run_dir
+    wall = None
+    if run_dir is None:
+        run_dir = ROOT / "runs" / "bench"
+        if run_dir.exists():
+            raise SystemExit(f"{run_dir} exists: remove it or pass --run-dir")
+        command = [str(Path(sys.executable).parent / "imm-ray"), "run", "configs/toy.yaml", "--set",
+                   "experiment.name=bench", *[x for s in args.set for x in ("--set", s)]]
+        started = time.perf_counter()
+        subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+        wall = time.perf_counter() - started
+    import yaml
+
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    base_model = str(ROOT / "imm_ray" / "assets" / "toy") if config["model"]["path"] == "toy" else config["model"]["path"]
+    rows = []
+    for folder, record in records(run_dir):
+        kind, seconds = record["kind"], record["seconds"]
+        floor, note = None, ""
+        if kind in ("generate", "eval"):
+            model = record["inputs"].get("model") or base_model
+            model = model if Path(str(model)).is_dir() else base_model
+            tokens = config["generation"]["max_new_tokens"] if kind == "generate" else (
+                config["eval"].get("max_new_tokens") or config["generation"]["max_new_tokens"])
+            floor = generation_floor(folder, model, tokens, cores)
+            note = f"engine, {cores} warm processes"
+        elif kind == "sft":
+            log = json.loads((folder / "training_log.json").read_text())
+            pairs = next((run_dir / "_stages").glob("sft_data-*/pairs.parquet"))
+            floor, tokens = sft_floor(pairs, base_model, log, config, 1)
+            ray_rate, plain_rate = log["tokens"] / log["train_seconds"], tokens / floor
+            note = (f"plain torch loop (1 thread); stage's step loop {log['train_seconds']:.2f} s, tokens/s "
+                    f"{ray_rate:,.0f} vs {plain_rate:,.0f} = {ray_rate / plain_rate:.2f}×; timeline "
+                    + ", ".join(f"{k} {v:.1f}" for k, v in log["timeline"].items()))
+        elif kind == "merge":
+            merge = json.loads((folder / "merge_record.json").read_text())
+            inputs = merge.get("inputs") or {}
+            sft_dir = next((run_dir / "_stages").glob("sft-*"))
+            floor = io_floor(Path(base_model), sft_dir, Path("/tmp") / f"loop-bench-io-{os.getpid()}")
+            note = "safetensors read 2, write 1"
+            del inputs
+        rows.append((kind, folder.name, seconds, floor, note))
+    after = load()
+    lines = ["| stage | loop s | floor s | loop / floor | start-up s (loop − floor) | floor, notes |",
+             "|---|---:|---:|---:|---:|---|"]
+    for kind, name, seconds, floor, note in rows:
+        if floor is None:
+            lines.append(f"| {kind} ({name[-6:]}) | {seconds:.1f} | | | | |")
+        else:
+            lines.append(f"| {kind} ({name[-6:]}) | {seconds:.1f} | {floor:.2f} | {seconds / floor:.1f}× | "
+                         f"{seconds - floor:.1f} | {note} |")
+    date = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    head = (f"Measured {date}, {cores} cores, run `{run_dir.name}`"
+            + (f" (whole command {wall:.0f} s)" if wall else "")
+            + f"; load average (1, 5, 15 min) {before} before the floors, {after} after.")
+    report = "\n".join([head, "", *lines])
+    print(report)
+    if not args.no_write:
+        text = DOC.read_text()
+        body = f"{START}\n{report}\n{END}"
+        if START in text:
+            text = text[: text.index(START)] + body + text[text.index(END) + len(END):]
+        else:
+            text = text.rstrip() + "\n\n## Loop stages against their floors\n\n" + body + "\n"
+        DOC.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
