@@ -105,6 +105,11 @@ class GenerationSection(_Section):
 
     engine: Literal["auto", "transformers", "vllm"] = "auto"
     num_shots: int = Field(0, ge=0, le=20)
+    # auto: bfloat16 where the device has it natively (a bf16 CPU, a GPU), else float32; eager attention on CPU
+    # (faster for short prompts; give sdpa for long few-shot prompts), sdpa on GPUs. Resolved into the engine
+    # spec before anything runs, so the stage fingerprints hold the concrete values.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    attention: Literal["auto", "sdpa", "eager"] = "auto"
     samples_per_question: int = Field(4, ge=1, le=256)
     temperatures: tuple[float, ...] = (0.2, 0.4, 0.6)
     top_p: float = Field(1.0, gt=0, le=1)

@@ -91,7 +91,7 @@ class PreparedRun:
             kind=self.engine_kind, model_path=model_path, trust_remote_code=self.config.model.trust_remote_code,
             threads=max(1, int(res.cpus_per_generation_actor)), tensor_parallel_size=gen.tensor_parallel_size,
             gpu_memory_utilization=gen.gpu_memory_utilization, max_model_len=gen.max_model_len,
-            enforce_eager=gen.enforce_eager,
+            enforce_eager=gen.enforce_eager, dtype=gen.dtype, attention=gen.attention,
         )
 
     def sampling_plan(self, seed: int) -> SamplingPlan:

@@ -199,3 +199,12 @@ def test_model_fingerprint_reads_tokenizer_and_weight_bytes_not_file_times(tmp_p
     assert model_fingerprint(folder) == before
     tokenizer.write_text(text.replace("<|endoftext|>", "<|end|>", 1))
     assert model_fingerprint(folder) != before
+
+
+def test_the_engine_dtype_is_concrete_in_the_declaration_and_changes_the_samples(tmp_path, names):
+    prepared = _prepared(["generation.dtype=float32", "generation.attention=sdpa"])
+    spec = prepared.engine_spec("")
+    assert (spec.dtype, spec.attention) == ("float32", "sdpa")
+    auto = _prepared([]).engine_spec("")
+    assert auto.dtype in ("float32", "bfloat16") and auto.attention in ("sdpa", "eager")
+    assert changed(["generation.dtype=float16"], tmp_path) == names  # every generation and evaluation
