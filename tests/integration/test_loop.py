@@ -26,7 +26,7 @@ pytestmark = pytest.mark.integration
 SEED = "seed_0"
 
 SMALL = [
-    "experiment.iterations=1", "experiment.strategies=[imm, vanilla]",
+    "experiment.iterations=1", "experiment.strategies=[imm, vanilla]", "experiment.seeds=[0]",
     "data.train_limit=24", "data.eval_limit=8", "generation.samples_per_question=2",
     "generation.temperatures=[0.6]", "eval.samples=2", "eval.k=[1,2]", "sft.epochs=2",
     "sft.checkpoints=true", "sft.checkpoint_every_steps=1",  # a run killed mid-SFT has a checkpoint to resume
@@ -104,7 +104,7 @@ def test_rerun_reuses_every_stage(finished_run):
 
 
 def test_killed_mid_sft_resumes_from_its_checkpoint_to_the_same_results(finished_run, ray_cluster, tmp_path):
-    """Kill the whole `imm-ray run` process (SIGKILL) once SFT has written a checkpoint, run the same command
+    """Kill the whole `imm-ray run` process (SIGKILL) once Ray Train has recorded a checkpoint, run the same command
     again: the finished generation is not redone, SFT resumes from the checkpoint Ray Train wrote (fewer
     optimizer steps redone), and the results equal the uninterrupted run's."""
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
@@ -115,9 +115,7 @@ def test_killed_mid_sft_resumes_from_its_checkpoint_to_the_same_results(finished
     process = subprocess.Popen(command, env=env, start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait_for(lambda: list(train_storage.glob("sft-*/checkpoint_*")) if train_storage.exists() else [],
-                  process, timeout=400)
-        time.sleep(1)
+        _wait_for(lambda: _registered_checkpoint(train_storage), process, timeout=400)
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
@@ -138,6 +136,12 @@ def test_killed_mid_sft_resumes_from_its_checkpoint_to_the_same_results(finished
     resumed = _tensors(run_dir / SEED / "imm" / "iter_0" / "merge")
     reference = _tensors(finished_run / SEED / "imm" / "iter_0" / "merge")
     assert all((resumed[name] == reference[name]).all() for name in reference)
+
+
+def _registered_checkpoint(storage: Path) -> bool:
+    """Ray Train has recorded a checkpoint in its run snapshot (what a restarted run reads), not just written one."""
+    snapshots = list(storage.glob("sft-*/checkpoint_manager_snapshot.json")) if storage.exists() else []
+    return any("checkpoint_epoch" in path.read_text() for path in snapshots)
 
 
 def _wait_for(condition, process: subprocess.Popen, timeout: float) -> None:
