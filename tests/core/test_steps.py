@@ -144,46 +144,38 @@ def test_a_new_seed_shares_only_the_base_evaluation(tmp_path):
     assert found == {**declared_stages([], tmp_path), **{f"1/{k}": v for k, v in seed1.items()}}
 
 
-def test_editing_the_grader_invalidates_generation_and_evaluation_only(tmp_path, monkeypatch):
+def changed_by_editing(relative: str, tmp_path: Path, monkeypatch) -> set[str]:
+    """The stages whose fingerprints change when one source file of a copy of the project is edited."""
     copy = tmp_path / "src"
     for package in stages.PROJECT_PACKAGES:
         shutil.copytree(stages.PROJECT_ROOT / package, copy / package,
                         ignore=shutil.ignore_patterns("__pycache__", "assets"))
     monkeypatch.setattr(stages, "PROJECT_ROOT", copy)
-    stages.code_identity.cache_clear()
-    stages.module_closure.cache_clear()
-    before = declared_stages([], tmp_path)
-    grading = copy / "imm_ray" / "grading.py"
-    grading.write_text(grading.read_text() + "\n# an edit\n")
-    stages.code_identity.cache_clear()
-    stages.module_closure.cache_clear()
-    after = declared_stages([], tmp_path)
-    stages.code_identity.cache_clear()
-    stages.module_closure.cache_clear()
-    out = {n for n in before if before[n] != after[n]}
+
+    def declared() -> dict[str, str]:
+        stages.code_identity.cache_clear()
+        stages.module_closure.cache_clear()
+        return declared_stages([], tmp_path)
+
+    try:
+        before = declared()
+        source = copy / relative
+        source.write_text(source.read_text() + "\n# an edit\n")
+        after = declared()
+    finally:
+        stages.code_identity.cache_clear()
+        stages.module_closure.cache_clear()
+    return {n for n in before if before[n] != after[n]}
+
+
+def test_editing_the_grader_invalidates_generation_and_evaluation(tmp_path, monkeypatch, names):
+    out = changed_by_editing("imm_ray/grading.py", tmp_path, monkeypatch)
     assert {"base/eval", "0/imm/0/generate", "0/imm/0/eval_sft", "0/imm/0/eval_merge"} <= out
-    # the merge of iteration 0 reads models made from graded samples, so it follows; a merge's own code is not
-    # the grader's, which the next test shows the other way round
-    assert out == set(before)
+    assert out == names  # every later stage was trained on graded samples, so it follows
 
 
 def test_editing_the_merge_code_leaves_generation_and_sft_reusable(tmp_path, monkeypatch):
-    copy = tmp_path / "src"
-    for package in stages.PROJECT_PACKAGES:
-        shutil.copytree(stages.PROJECT_ROOT / package, copy / package,
-                        ignore=shutil.ignore_patterns("__pycache__", "assets"))
-    monkeypatch.setattr(stages, "PROJECT_ROOT", copy)
-    stages.code_identity.cache_clear()
-    stages.module_closure.cache_clear()
-    before = declared_stages([], tmp_path)
-    methods = copy / "imm_ray" / "merge" / "methods.py"
-    methods.write_text(methods.read_text() + "\n# an edit\n")
-    stages.code_identity.cache_clear()
-    stages.module_closure.cache_clear()
-    after = declared_stages([], tmp_path)
-    stages.code_identity.cache_clear()
-    stages.module_closure.cache_clear()
-    out = {n for n in before if before[n] != after[n]}
+    out = changed_by_editing("imm_ray/merge/methods.py", tmp_path, monkeypatch)
     assert "0/imm/0/merge" in out and "0/imm/1/generate" in out
     assert not {n for n in out if "/vanilla/" in n or n == "base/eval" or n.startswith("0/imm/0/") and
                 not n.endswith(("merge", "eval_merge"))}
