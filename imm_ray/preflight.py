@@ -6,7 +6,8 @@ config field named, before any sampling or training starts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -82,6 +83,7 @@ class PreparedRun:
     eval_sets: dict[str, list[Problem]]
     eval_prompts: dict[str, list[str]]
     engine_kind: str
+    _importance_pairs: list[tuple[str, str]] | None = field(default=None, init=False, repr=False)
 
     def engine_spec(self, model_path: str) -> EngineSpec:
         from actors.engines import EngineSpec
@@ -124,7 +126,13 @@ class PreparedRun:
         )
 
     def importance_pairs(self) -> list[tuple[str, str]]:
-        """(prompt, reference response) pairs the layer importance is computed on, in the SFT prompt format."""
+        """(prompt, reference response) pairs the layer importance is computed on, in the SFT prompt format;
+        loaded once (every analysed model of the run declares the same pairs)."""
+        if self._importance_pairs is None:
+            self._importance_pairs = self._load_importance_pairs()
+        return self._importance_pairs
+
+    def _load_importance_pairs(self) -> list[tuple[str, str]]:
         from imm_ray.data.prompts import reference_response
 
         cfg = self.config
@@ -159,15 +167,19 @@ def _prompter(config: ExperimentConfig, set_name: str, num_shots: int, model_pat
     of the base model's tokenizer when ``data.chat_template`` is on."""
     from imm_ray.data.prompts import make_prompter
 
-    tokenizer = None
-    if config.data.chat_template:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=config.model.trust_remote_code)
+    tokenizer = _chat_tokenizer(model_path, config.model.trust_remote_code) if config.data.chat_template else None
     return make_prompter(
         set_name, num_shots=num_shots, seed=config.data.seed, data_dir=config.data.data_dir,
         chat_template_tokenizer=tokenizer,
     )
+
+
+@functools.lru_cache(maxsize=4)
+def _chat_tokenizer(model_path: str, trust_remote_code: bool):
+    """The base model's tokenizer, loaded once for every set's prompts (sampling, SFT, evaluation, importance)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
 
 
 def _prompts(config: ExperimentConfig, set_name: str, problems: list[Problem], model_path: str,

@@ -41,6 +41,7 @@ RECORD_NAME = "_COMPLETE.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent  # the folder holding imm_ray/, actors/ and tune/
 PROJECT_PACKAGES = ("imm_ray", "actors", "tune")
+LARGE_VALUE_CHARS = 2000  # a step value longer than this as JSON enters its identity (and record) as a hash
 HASH_MEMO_ENV = "IMM_RAY_HASH_MEMO"  # where content hashes of external model files are remembered
 # A temporary stage folder: ".<kind>-<fingerprint>.tmp-<hex>" (anything a stage writes inside or beside it, like
 # the merge's own ".<tmp>.partial-<hex>" staging folder, carries the same stage name).
@@ -306,13 +307,18 @@ class Step(BaseModel):
         return {name: value for name, value in self._fields().items() if _is_step_value(value)}
 
     def values(self) -> dict[str, Any]:
+        """The values the step reads, as JSON; a large one (a data set's problems and prompts) by its hash, so the
+        completion record that stores them stays small."""
         values = {}
         for name, value in self._fields().items():
             if name in self.not_identity or _is_step_value(value):
                 continue
-            values[name] = value.model_dump(mode="json") if isinstance(value, BaseModel) else _jsonable(value)
+            plain = _jsonable(value)
+            text = json.dumps(plain, sort_keys=True, separators=(",", ":"))
+            values[name] = plain if len(text) <= LARGE_VALUE_CHARS else {"sha256": hashlib.sha256(text.encode()).hexdigest()}
         return values
 
+    @functools.cached_property
     def identity(self) -> dict[str, Any]:
         """What the fingerprint hashes (also stored in the completion record, so a reuse can be explained)."""
         arguments = {
@@ -327,7 +333,14 @@ class Step(BaseModel):
 
     @functools.cached_property
     def fingerprint(self) -> str:
-        return fingerprint(self.identity())
+        return fingerprint(self.identity)
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Step:
+        """A copy whose identity and fingerprint are derived afresh (pydantic copies cached values along)."""
+        copy = super().model_copy(update=update, deep=deep)
+        for cached in ("identity", "fingerprint"):
+            copy.__dict__.pop(cached, None)
+        return copy
 
     def _fields(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in type(self).model_fields}
@@ -350,10 +363,15 @@ def _is_step_value(value: Any) -> bool:
 
 
 def _jsonable(value: Any) -> Any:
+    """Plain JSON data of a field: pydantic models and dataclasses by their fields, also inside tuples."""
     import dataclasses
 
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.asdict(value)
+        return _jsonable(dataclasses.asdict(value))
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, tuple | list):
         return [_jsonable(v) for v in value]
     return value

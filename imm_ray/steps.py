@@ -290,7 +290,7 @@ for _step in (FineTune, Merge, Analyze, Generate, Evaluate, Importance):
 def run_step(store: StageStore, step: Step, link: Path | None = None) -> Path:
     """Run ``step`` unless its stage is done; link ``link`` to the stage folder; return the folder."""
     return store.run(step.kind, step.fingerprint, lambda out: step.run(out, store), link=link,
-                     inputs=step.identity())
+                     inputs=step.identity)
 
 
 __all__ = [

@@ -200,3 +200,15 @@ def test_the_engine_dtype_is_concrete_in_the_declaration_and_changes_the_samples
     auto = _prepared([]).engine_spec("")
     assert auto.dtype in ("float32", "bfloat16") and auto.attention in ("sdpa", "eager")
     assert changed(["generation.dtype=float16"], tmp_path) == names  # every generation and evaluation
+
+
+def test_large_values_enter_the_identity_as_a_hash_and_still_tell_data_apart(tmp_path):
+    loop = IterationLoop(_prepared([]).config, run_dir=tmp_path / "run")
+    loop.prepared = _prepared([])
+    base = ExternalModel(path=loop.prepared.base.path, content=loop.prepared.base.fingerprint)
+    step = loop.generate(base, 0, 0)
+    assert set(step.identity["values"]["problems"]) == {"sha256"}  # the record stays small
+    assert step.identity["values"]["plan"]["samples_per_question"] == 4  # small values stay readable
+    edited = step.model_copy(update={"problems": (step.problems[0].model_copy(update={"answer": "-1"}),
+                                                  *step.problems[1:])})
+    assert edited.fingerprint != step.fingerprint
