@@ -32,10 +32,14 @@ def build(
     id_share: float = typer.Option(
         0.1, help="Share of the in-domain family in the pretraining mixture (the OOD families split the rest)."
     ),
+    init: Path | None = typer.Option(
+        None, help="Continue pretraining this toy folder (its tokenizer and weights) instead of starting from scratch."
+    ),
+    lr: float = typer.Option(2e-3, help="Peak learning rate (warm-up, then cosine to a tenth of it)."),
     device: str = typer.Option("cpu", help="torch device to train on."),
     overwrite: bool = typer.Option(False, help="Replace an existing folder."),
 ) -> None:
-    """Pretrain the toy tokenizer and model from scratch and write them, with a build record."""
+    """Pretrain the toy tokenizer and model from scratch (or continue --init) and write them, with a build record."""
     from imm_ray.toy.pretrain import RECORD_NAME, PretrainSpec, build_toy  # torch: imported only when used
 
     try:
@@ -44,14 +48,17 @@ def build(
         rest = (1 - id_share) / 2
         mixture = ToyMixture(((TOY_SETS[0], id_share), (TOY_SETS[1], rest), (TOY_SETS[2], rest)))
         spec = replace(
-            PretrainSpec(), seed=seed, tokens=tokens, max_minutes=minutes, device=device,
-            target_id_accuracy=target_id_accuracy or None, mixture=mixture,
+            PretrainSpec(), seed=seed, tokens=tokens, max_minutes=minutes, device=device, lr=lr,
+            target_id_accuracy=target_id_accuracy or None, mixture=mixture, init=None if init is None else str(init),
         )
         record = build_toy(spec, out, overwrite=overwrite)
     except (ValueError, FileExistsError) as error:
         raise _fail(str(error)) from error
     _console.print(f"wrote {out} ({record.parameters:,} parameters, {record.tokens_seen:,} tokens, "
                    f"{record.wall_seconds:.0f} s, stopped by {record.stopped_by}); record: {out / RECORD_NAME}")
+    if record.parent is not None:
+        _console.print(f"  continued from {record.parent['folder']} "
+                       f"({record.parent['record']['tokens_seen']:,} tokens before these)")
     for accuracy in record.accuracies:
         _console.print(f"  {accuracy.set_name}: pass@1 {accuracy.pass_at_1:.1%} "
                        f"({accuracy.samples} samples at T={accuracy.temperature}, {accuracy.questions} questions)")

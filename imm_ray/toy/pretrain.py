@@ -10,12 +10,19 @@ test split; neither split is ever pretraining text, see ``imm_ray.data.toy.bucke
 greedy ID accuracy rises late (~0% until ~3.4M tokens, measured) and then plateaus (20-35% from 3.6M to 6M
 tokens on seed 0): the shipped base trains its whole 6M-token budget and is partly competent in-domain.
 
+Continued pretraining (``init``): a build may start from an existing toy folder (its tokenizer and weights)
+instead of from scratch, and train ``tokens`` more on its own mixture, with its own warm-up and cosine. Its
+document stream is seeded apart from a from-scratch build of the same seed (:data:`CONTINUED_STREAM`), it
+draws from the same pretraining buckets (so never a toy train or test question), and the record keeps the
+parent's folder, weights hash and whole build record, so a chain of builds can be traced back to scratch.
+
 The folder is written to a temporary sibling and renamed into place, so an interrupted build never leaves
 a half-written model where the run expects one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
@@ -38,6 +45,9 @@ from imm_ray.toy.tokenizer import DEFAULT_VOCAB_SIZE, train_tokenizer
 RECORD_NAME = "toy_build.json"
 # The periodic eval's questions: ID train questions of this data seed (runs use seed 0 by default).
 QUICK_EVAL_SEED = 9_999
+# A continued build's document stream is pretraining_documents(seed + CONTINUED_STREAM): not the stream its
+# parent (a from-scratch build of the same seed) already trained on.
+CONTINUED_STREAM = 7_000_003
 
 
 @dataclass(frozen=True)
@@ -74,6 +84,7 @@ class PretrainSpec:
     eval_from_tokens: int = 1_000_000
     eval_questions: int = 64
     target_id_accuracy: float | None = 0.4
+    init: str | None = None  # continued pretraining: the toy folder to start from (tokenizer and weights)
     model: ToyModelSpec = ToyModelSpec()
     mixture: ToyMixture = ToyMixture()
     measure: MeasureSpec = field(default_factory=MeasureSpec)
@@ -102,6 +113,7 @@ class BuildRecord:
     evals: tuple[tuple[int, float], ...]
     accuracies: tuple[Accuracy, ...]
     id_train_coverage: Accuracy | None
+    parent: dict | None = None  # continued pretraining: the parent's folder, weights sha256 and build record
 
 
 def _lr_at(spec: PretrainSpec, tokens_seen: int) -> float:
@@ -150,6 +162,45 @@ def _new_model(spec: PretrainSpec) -> tuple[Qwen2ForCausalLM, PreTrainedTokenize
     return model.to(spec.device), tokenizer
 
 
+def _check_shape(model: Qwen2ForCausalLM, spec: ToyModelSpec, folder: Path) -> None:
+    """A continued build trains the parent's shape; a spec asking for another one is an error, not a resize."""
+    config = model.config
+    found = {
+        "hidden_size": config.hidden_size, "num_layers": config.num_hidden_layers,
+        "num_heads": config.num_attention_heads, "num_kv_heads": config.num_key_value_heads,
+        "intermediate_size": config.intermediate_size, "max_positions": config.max_position_embeddings,
+        # transformers 5 keeps rope_theta in rope_parameters; older versions as an attribute
+        "rope_theta": (getattr(config, "rope_parameters", None) or {}).get("rope_theta", getattr(config, "rope_theta", None)),
+    }
+    for name, value in found.items():
+        if getattr(spec, name) != value:
+            raise ValueError(f"{folder}: the parent has model.{name} = {value}, the spec asks for {getattr(spec, name)}")
+
+
+def _parent_model(spec: PretrainSpec) -> tuple[Qwen2ForCausalLM, PreTrainedTokenizerFast, dict]:
+    """The parent folder's model (float32, on the spec's device) and tokenizer, and what the record keeps of it."""
+    folder = Path(spec.init or "")
+    weights, parent_record = folder / "model.safetensors", folder / RECORD_NAME
+    for needed in (folder / "config.json", folder / "tokenizer.json", weights, parent_record):
+        if not needed.is_file():
+            raise ValueError(f"--init {folder}: {needed.name} is missing (a folder written by `imm-ray toy build`)")
+    model = Qwen2ForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    _check_shape(model, spec.model, folder)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
+    torch.manual_seed(spec.seed)
+    parent = {
+        "folder": str(folder.resolve()),
+        "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+        "record": json.loads(parent_record.read_text()),
+    }
+    return model.to(spec.device), tokenizer, parent
+
+
+def training_documents(spec: PretrainSpec) -> Iterator[str]:
+    """The document stream a build trains on: from scratch the seed's own, continued a stream of its own."""
+    return pretraining_documents(spec.seed + (CONTINUED_STREAM if spec.init else 0), spec.mixture)
+
+
 def _quick_eval(model: Qwen2ForCausalLM, tokenizer: PreTrainedTokenizerFast, spec: PretrainSpec) -> float:
     """Greedy ID pass@1 on a few train questions: the progress signal and the stopping rule."""
     problems = load_toy(ID_SET, "train", spec.eval_questions, QUICK_EVAL_SEED)
@@ -165,7 +216,7 @@ def _train(
 ) -> tuple[int, int, str, float, list[tuple[int, float]]]:
     """The loop; returns steps, tokens seen, what stopped it, the last loss and the periodic evals."""
     optimizer = _optimizer(model, spec)
-    batches = _batches(pretraining_documents(spec.seed, spec.mixture), tokenizer, spec.batch_size)
+    batches = _batches(training_documents(spec), tokenizer, spec.batch_size)
     task = progress.add_task("pretrain", total=spec.tokens, info="")
     started = time.monotonic()
     steps, seen, loss_value, next_eval = 0, 0, float("nan"), spec.eval_from_tokens
@@ -236,11 +287,17 @@ def _save_atomically(
 
 
 def build_toy(spec: PretrainSpec, out: Path, overwrite: bool = False, show_progress: bool = True) -> BuildRecord:
-    """Train the tokenizer and the model, measure the result and write the HF folder ``out``."""
+    """Train the tokenizer and the model (or continue ``spec.init``), measure the result and write ``out``."""
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists (pass overwrite to replace it)")
+    if spec.init is not None and Path(spec.init).resolve() == out.resolve():
+        raise ValueError(f"--init {spec.init} is the output folder; write the continued build elsewhere")
     started = time.monotonic()
-    model, tokenizer = _new_model(spec)
+    parent = None
+    if spec.init is None:
+        model, tokenizer = _new_model(spec)
+    else:
+        model, tokenizer, parent = _parent_model(spec)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.fields[info]}"))
     with Progress(*columns, disable=not show_progress) as progress:
@@ -251,7 +308,7 @@ def build_toy(spec: PretrainSpec, out: Path, overwrite: bool = False, show_progr
     record = BuildRecord(
         spec=spec, parameters=sum(p.numel() for p in model.parameters()), steps=steps, tokens_seen=seen,
         wall_seconds=round(wall, 1), measure_seconds=round(measured, 1), stopped_by=stopped_by, final_loss=loss, evals=tuple(evals),
-        accuracies=tests, id_train_coverage=train,
+        accuracies=tests, id_train_coverage=train, parent=parent,
     )
     _save_atomically(model, tokenizer, record, out, overwrite)
     return record

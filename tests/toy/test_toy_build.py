@@ -141,6 +141,7 @@ def test_cli_defaults_are_the_spec_defaults() -> None:
     spec = PretrainSpec()
     assert (defaults["tokens"], defaults["seed"], defaults["device"]) == (spec.tokens, spec.seed, spec.device)
     assert defaults["target_id_accuracy"] == spec.target_id_accuracy
+    assert (defaults["lr"], defaults["init"]) == (spec.lr, spec.init)
     assert dict(spec.mixture.weights)[TOY_SETS[0]] == defaults["id_share"]
 
 
