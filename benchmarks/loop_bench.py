@@ -78,18 +78,15 @@ def generation_floor(folder: Path, model_path: str, max_new_tokens: int, cores: 
         return max(pool.map(_engine_worker, [(model_path, share, max_new_tokens) for share in shares if share]))
 
 
-def sft_floor(pairs: Path, model_path: str, log: dict, config: dict, cores: int) -> tuple[float, int]:
-    """A plain torch loop over the same pairs: (seconds in the step loop, tokens)."""
+def sft_floor(pairs: Path, model_path: str, config: dict, cores: int, global_batch: int) -> tuple[float, int]:
+    """A plain torch loop over the same pairs and steps (one process, ``cores`` threads, the stage's global batch
+    in micro-batches of the per-device size, the loss as the worker weighs it): (seconds in the loop, tokens)."""
     import pandas as pd
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from actors.training import _collate, epoch_batches
-
-    def tokenize_pair(tokenizer, prompt: str, response: str, max_length: int):  # the SFT worker's pairs
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        return (prompt_ids + response_ids)[:max_length], ([-100] * len(prompt_ids) + response_ids)[:max_length]
+    from actors.sft.batches import collate, epoch_order, rank_micro_batches, response_tokens, step_members
+    from imm_ray.tokens import encode_pair
 
     torch.set_num_threads(cores)
     sft = config["sft"]
@@ -97,18 +94,20 @@ def sft_floor(pairs: Path, model_path: str, log: dict, config: dict, cores: int)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     frame = pd.read_parquet(pairs, columns=["prompt", "response"])
-    examples = [tokenize_pair(tokenizer, p, r, sft["max_length"]) for p, r in zip(frame["prompt"], frame["response"])]
+    examples = [encode_pair(tokenizer, p, r, sft["max_length"]) for p, r in zip(frame["prompt"], frame["response"])]
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=sft["learning_rate"])
-    batch = sft["per_device_batch_size"] * log["world_size"]
     tokens, started = 0, time.perf_counter()
     for epoch in range(sft["epochs"]):
-        for indices in epoch_batches(len(examples), seed=0, epoch=epoch, start=0, rank=0, world=1, batch_size=batch):
-            tensors = _collate([examples[i] for i in indices], tokenizer.pad_token_id)
-            tokens += int(tensors["attention_mask"].sum())
-            loss = model(**tensors).loss
-            loss.backward()
+        order = epoch_order(len(examples), seed=0, epoch=epoch)
+        for step in range(-(-len(examples) // global_batch)):
+            members = step_members(order, step, global_batch)
+            step_tokens = sum(response_tokens(examples[i]) for i in members)
+            for batch in rank_micro_batches(members, rank=0, world=1, batch_size=sft["per_device_batch_size"]):
+                tensors = collate([examples[i] for i in batch], tokenizer.pad_token_id)
+                tokens += int(tensors["attention_mask"].sum())
+                model(**tensors, num_items_in_batch=step_tokens).loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             optimizer.zero_grad()
@@ -167,9 +166,9 @@ def main() -> None:
         elif kind == "sft":
             log = json.loads((folder / "training_log.json").read_text())
             pairs = next((run_dir / "_stages").glob("sft_data-*/pairs.parquet"))
-            floor, tokens = sft_floor(pairs, base_model, log, config, 1)
+            floor, tokens = sft_floor(pairs, base_model, config, cores, log["global_batch"])
             ray_rate, plain_rate = log["tokens"] / log["train_seconds"], tokens / floor
-            note = (f"plain torch loop (1 thread); stage's step loop {log['train_seconds']:.2f} s, tokens/s "
+            note = (f"plain torch loop ({cores} threads); stage's step loop {log['train_seconds']:.2f} s, tokens/s "
                     f"{ray_rate:,.0f} vs {plain_rate:,.0f} = {ray_rate / plain_rate:.2f}×; timeline "
                     + ", ".join(f"{k} {v:.1f}" for k, v in log["timeline"].items()))
         elif kind == "merge":

@@ -135,7 +135,10 @@ class SFTSection(_Section):
     epochs: int = Field(3, ge=1)
     learning_rate: float = Field(2e-5, gt=0)
     per_device_batch_size: int = Field(4, ge=1)
-    gradient_accumulation_steps: int = Field(4, ge=1)
+    gradient_accumulation_steps: int = Field(4, ge=1)  # at resources.sft_workers workers
+    # examples per optimizer step, whatever the worker count an elastic run gets (accumulation follows the
+    # workers); None: per_device_batch_size x gradient_accumulation_steps x resources.sft_workers
+    global_batch_size: int | None = Field(None, ge=1)
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     weight_decay: float = Field(0.0, ge=0)

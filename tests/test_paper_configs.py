@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from actors.training import SFTJob, deepspeed_config
+from actors.sft.job import SFTJob, deepspeed_config
 from imm_ray.config import ExperimentConfig, SFTSection, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
