@@ -1,13 +1,15 @@
 """Sampling k answers per question with Ray Data over an actor pool of generation engines.
 
 Questions are grouped into fixed request groups (``questions_per_batch`` questions at one temperature) on the
-driver, and each group carries its own seed. A group is the unit a generation actor handles, so the samples do not
-depend on how many actors run or which one takes which group: one seed fixes every sample.
+driver, and each group carries its own seed, so the samples do not depend on how many actors run, which one takes
+which group or how many groups an actor takes per call: one seed fixes every sample. The transformers engine takes
+one group per call; a vLLM actor takes its whole share of the stage in one call (:func:`groups_per_call`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +22,7 @@ from actors.engines import EngineSpec, SamplingRequest, make_engine
 from imm_ray.data.prompts import STOP_STRINGS
 from imm_ray.data.records import Problem
 from imm_ray.grading import grade
+from imm_ray.progress import ProgressFn, Tick
 from imm_ray.stages import fingerprint
 
 SAMPLE_COLUMNS = [
@@ -78,31 +81,40 @@ def build_request_groups(problems: Sequence[Problem], prompts: Sequence[str], pl
 
 
 class GenerationActor:
-    """A Ray Data actor: builds its engine once, then samples and grades one request group per call."""
+    """A Ray Data actor: builds its engine once, then samples and grades the request groups of each batch."""
 
     def __init__(self, spec: dict[str, Any]) -> None:
         self.engine = make_engine(EngineSpec.model_validate(spec))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        payloads = [json.loads(text) for text in batch["group"]]
+        requests = [SamplingRequest.model_validate(p["request"]) for p in payloads]
+        completions = self.engine.generate_groups([(p["prompts"], r) for p, r in zip(payloads, requests)])
         rows: list[dict[str, Any]] = []
-        for text in batch["group"]:
-            rows.extend(self._run_group(json.loads(text)))
+        for payload, request, group in zip(payloads, requests, completions):
+            rows.extend(_graded_rows(payload, request, group))
         return {column: [row[column] for row in rows] for column in SAMPLE_COLUMNS}
 
-    def _run_group(self, payload: dict[str, Any]) -> list[dict[str, Any]]:
-        request = SamplingRequest.model_validate(payload["request"])
-        problems = [Problem.model_validate(p) for p in payload["problems"]]
-        completions = self.engine.generate(payload["prompts"], request)
-        rows = []
-        for problem, prompt, samples in zip(problems, payload["prompts"], completions):
-            for offset, completion in enumerate(samples):
-                result = grade(problem, completion)
-                rows.append({
-                    "question_id": problem.id, "set_name": problem.set_name, "question": problem.question, "prompt": prompt,
-                    "sample_index": payload["first_sample"] + offset, "temperature": request.temperature,
-                    "completion": completion, "extracted": result.extracted, "correct": bool(result.correct),
-                })
-        return rows
+
+def _graded_rows(payload: dict[str, Any], request: SamplingRequest, completions: list[list[str]]) -> list[dict]:
+    problems = [Problem.model_validate(p) for p in payload["problems"]]
+    rows = []
+    for problem, prompt, samples in zip(problems, payload["prompts"], completions):
+        for offset, completion in enumerate(samples):
+            result = grade(problem, completion)
+            rows.append({
+                "question_id": problem.id, "set_name": problem.set_name, "question": problem.question, "prompt": prompt,
+                "sample_index": payload["first_sample"] + offset, "temperature": request.temperature,
+                "completion": completion, "extracted": result.extracted, "correct": bool(result.correct),
+            })
+    return rows
+
+
+def groups_per_call(engine: EngineSpec, groups: int, actors: int) -> int:
+    """Request groups an actor takes per call: one for the transformers engine (each group is one padded batch,
+    and small units balance the actors), an actor's whole share of the stage for vLLM, whose own scheduler keeps
+    its batch full across groups (actors/engines/vllm_engine.py says why)."""
+    return 1 if engine.kind == "transformers" else max(1, math.ceil(groups / max(actors, 1)))
 
 
 def generate_samples(
@@ -111,8 +123,11 @@ def generate_samples(
     engine: EngineSpec,
     plan: SamplingPlan,
     pool: PoolSpec,
+    progress: ProgressFn | None = None,
 ) -> pd.DataFrame:
-    """Sample and grade ``plan.samples_per_question`` completions per problem; rows sorted by question, sample."""
+    """Sample and grade ``plan.samples_per_question`` completions per problem; rows sorted by question, sample.
+
+    ``progress`` (optional) is told the samples received so far, as they reach the driver."""
     if len(problems) != len(prompts):
         raise ValueError(f"{len(problems)} problems but {len(prompts)} prompts")
     if not problems:
@@ -127,12 +142,19 @@ def generate_samples(
     dataset = ray.data.from_items(groups, override_num_blocks=len(groups)).map_batches(
         GenerationActor,
         fn_constructor_kwargs={"spec": engine.model_dump(mode="json")},
-        batch_size=1,
+        batch_size=groups_per_call(engine, len(groups), pool.max_actors),
         compute=compute,
         num_cpus=pool.cpus_per_actor,
         **({"num_gpus": pool.gpus_per_actor} if pool.gpus_per_actor else {}),
     )
-    frame = pd.DataFrame(dataset.take_all(), columns=SAMPLE_COLUMNS)
+    rows, total = [], len(problems) * plan.samples_per_question
+    if progress is not None:
+        progress(Tick(0, total, "samples"))
+    for row in dataset.iter_rows():  # what take_all does, counting as rows arrive
+        rows.append(row)
+        if progress is not None:
+            progress(Tick(len(rows), total, "samples"))
+    frame = pd.DataFrame(rows, columns=SAMPLE_COLUMNS)
     order = {problem.id: i for i, problem in enumerate(problems)}
     frame["_order"] = frame["question_id"].map(order)
     return frame.sort_values(["_order", "sample_index"]).drop(columns="_order").reset_index(drop=True)

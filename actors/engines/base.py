@@ -111,6 +111,14 @@ class GenerationEngine(ABC):
     def generate(self, prompts: Sequence[str], request: SamplingRequest) -> list[list[str]]:
         """Return one list of ``request.n`` completions per prompt, in prompt order."""
 
+    def generate_groups(self, groups: Sequence[tuple[Sequence[str], SamplingRequest]]) -> list[list[list[str]]]:
+        """:meth:`generate` for several (prompts, request) groups, with the same samples as one call per group.
+
+        The default runs the groups one after another (the transformers engine pads each group into one batch).
+        An engine that schedules sequences itself (vLLM) takes all of them in one call, so its scheduler stays
+        full instead of draining at the end of every group."""
+        return [self.generate(prompts, request) for prompts, request in groups]
+
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     """The completion up to (not including) the earliest stop string."""

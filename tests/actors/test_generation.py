@@ -1,5 +1,5 @@
 from actors.engines import EngineSpec
-from actors.generation import PoolSpec, SamplingPlan, build_request_groups, generate_samples
+from actors.generation import PoolSpec, SamplingPlan, build_request_groups, generate_samples, groups_per_call
 from imm_ray.data.records import Problem
 
 PROBLEMS = [
@@ -36,3 +36,11 @@ def test_pipeline_samples_grades_and_is_independent_of_pool_size(ray_cluster, ti
     assert set(one["temperature"]) == {0.2, 0.6}
     assert one.equals(two)
     assert one["correct"].dtype == bool
+
+
+def test_vllm_actors_take_their_whole_share_of_a_stage_per_call():
+    transformers = EngineSpec(kind="transformers", model_path="m", dtype="float32", attention="sdpa")
+    vllm = EngineSpec(kind="vllm", model_path="m", dtype="float32")
+    assert groups_per_call(transformers, 30, 2) == 1
+    assert groups_per_call(vllm, 30, 2) == 15 and groups_per_call(vllm, 31, 2) == 16
+    assert groups_per_call(vllm, 3, 8) == 1

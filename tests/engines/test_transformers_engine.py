@@ -94,3 +94,9 @@ def test_kv_caches_give_the_dynamic_caches_samples_in_float32(model_dir: Path, k
                                       attention="eager", kv_cache=cache))
 
     assert sample(engine_with(kv_cache), seed=9, n=4) == sample(engine_with("dynamic"), seed=9, n=4)
+
+
+def test_groups_are_generated_one_call_each_with_their_own_seeds(engine: TransformersEngine) -> None:
+    groups = [(OFF_CORPUS, SamplingRequest(n=2, temperature=1.0, max_new_tokens=8, seed=3)),
+              (PROMPTS[:2], SamplingRequest(n=1, temperature=0.4, max_new_tokens=8, seed=4))]
+    assert engine.generate_groups(groups) == [engine.generate(prompts, request) for prompts, request in groups]

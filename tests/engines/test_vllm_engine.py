@@ -169,3 +169,11 @@ def test_stop_strings_never_appear_in_samples(engine: VLLMEngine) -> None:
     request = SamplingRequest(n=4, temperature=1.0, max_new_tokens=12, seed=3, stop=stop)
     stopped = [text for samples in engine.generate(OFF_CORPUS, request) for text in samples]
     assert not any(marker in text for text in stopped for marker in stop)
+
+
+def test_groups_in_one_call_give_the_samples_of_one_call_per_group(engine: VLLMEngine) -> None:
+    """Whole-stage requests (vLLM's scheduler sees every group at once) change nothing in the samples."""
+    groups = [(OFF_CORPUS, SamplingRequest(n=2, temperature=1.0, max_new_tokens=10, seed=3)),
+              (PROMPTS[:2], SamplingRequest(n=3, temperature=0.4, max_new_tokens=10, seed=4)),
+              (PROMPTS[:1], SamplingRequest(n=2, temperature=0, max_new_tokens=40, seed=5))]
+    assert engine.generate_groups(groups) == [engine.generate(prompts, request) for prompts, request in groups]
