@@ -176,6 +176,10 @@ class EvalSection(_Section):
     max_new_tokens: int | None = None  # default: generation.max_new_tokens
     # per-layer weight change (vs the base) and importance of every SFT and merged model, in the report
     layer_analysis: bool = True
+    # where the layer analysis (and IIMM's importance) runs, as a Ray task: auto = a GPU when resources.use_gpu.
+    # It holds the model and its layer gradients in float32 (imm-ray plan shows the memory; a 7B model needs more
+    # than one 40 GB GPU, so the Llama-2-7B configs say cpu).
+    analysis_device: Literal["auto", "cpu", "cuda"] = "auto"
 
     @model_validator(mode="after")
     def _k_within_samples(self) -> EvalSection:

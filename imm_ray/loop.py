@@ -24,6 +24,7 @@ import pandas as pd
 from rich.console import Console
 
 from actors.cluster import ray_session
+from imm_ray.analysis_resources import analysis_resources
 from imm_ray.config import ExperimentConfig, save_config
 from imm_ray.preflight import ModelRef, PreparedRun, prepare_run
 from imm_ray.stages import StageStore, Step, fingerprint, read_record
@@ -236,7 +237,8 @@ class IterationLoop:
 
     def importance(self, base: Step) -> Importance:
         """IIMM's layer importance I^n of the base model on reference solutions (computed once per run)."""
-        step = Importance(model=base, pairs=tuple(self.prepared.importance_pairs()))
+        step = Importance(model=base, pairs=tuple(self.prepared.importance_pairs()),
+                          resources=analysis_resources(self.config))
         self._run(step, self.run_dir / "base" / "importance", "layer importance")
         return step
 
@@ -244,7 +246,8 @@ class IterationLoop:
         """The paper's layer analysis of one model: ΔW^n against the ORIGINAL base and importance I^n."""
         if not self.config.eval.layer_analysis:
             return None
-        step = Analyze(base=base, model=model, pairs=tuple(self.prepared.importance_pairs()))
+        step = Analyze(base=base, model=model, pairs=tuple(self.prepared.importance_pairs()),
+                       resources=analysis_resources(self.config))
         return self._run(step, link, f"layer analysis of {_name(model)}")
 
     def evaluate(self, model: Step, link: Path) -> Path:

@@ -191,17 +191,34 @@ def _prompts(config: ExperimentConfig, set_name: str, problems: list[Problem], m
 def cluster_capacity() -> dict[str, float]:
     """The most the cluster can offer: what its nodes hold now, or, on an autoscaling cluster (``ray up``),
     what the autoscaler may start, whichever is larger. A job submitted to a fresh cluster sees only the
-    head node, with no GPUs, until the first stage asks for them."""
+    head node, with no GPUs, until the first stage asks for them.
+
+    The autoscaler's node types come from its cluster config (imm_ray/memory/nodes.py: Ray 2.60 has no public API
+    for them, so the file the head node's autoscaler was started with is read)."""
     import ray
 
-    current = ray.cluster_resources()
-    try:  # the same lookup Ray Train v2 uses for elastic scaling; absent on clusters without an autoscaler
-        from ray._private.state import state
+    from imm_ray.memory.nodes import autoscaler_node_types
 
-        limits = state.get_max_resources_from_cluster_config() or {}
-    except Exception:  # noqa: BLE001 - a private API: treat any failure as "no autoscaler"
-        limits = {}
+    current = ray.cluster_resources()
+    limits: dict[str, float] = {}
+    for node in autoscaler_node_types():
+        limits["CPU"] = limits.get("CPU", 0) + node.count * node.cpus
+        limits["GPU"] = limits.get("GPU", 0) + node.count * node.gpus
     return {key: max(current.get(key, 0), limits.get(key, 0)) for key in {*current, *limits}}
+
+
+def check_memory(config: ExperimentConfig) -> None:
+    """The memory plan (``imm-ray plan``) against the live cluster's nodes and the autoscaler's node types: a stage
+    that cannot fit is refused here, from the models' config.json alone, before any model is fetched."""
+    from imm_ray.memory.nodes import autoscaler_node_types, live_node_types
+    from imm_ray.memory.plan import MemoryPlanError, check_plan, gpu_memory_of, memory_plan
+    from imm_ray.memory.shapes import ShapeError
+
+    nodes = live_node_types() + autoscaler_node_types()
+    try:
+        check_plan(memory_plan(config, gpu_memory_of(nodes)), nodes)
+    except (MemoryPlanError, ShapeError) as error:
+        raise PreflightError(f"{error} (imm-ray plan CONFIG --cluster live shows the whole plan)") from None
 
 
 def check_resources(config: ExperimentConfig) -> None:
@@ -237,6 +254,8 @@ def prepare_run(config: ExperimentConfig, *, with_training_data: bool = True, ch
     from actors.engines import resolve_engine_kind
 
     cfg, data = config, config.data
+    if check_cluster:
+        check_memory(cfg)
     base_path = resolve_model("model.path", cfg.model.resolved_path(), cfg.model.trust_remote_code)
     base = ModelRef(base_path, model_fingerprint(base_path))
     teacher = None

@@ -19,6 +19,7 @@ import pandas as pd
 
 from actors.engines.base import EngineSpec
 from actors.generation import PoolSpec, SamplingPlan
+from imm_ray.analysis_resources import AnalysisResources
 from imm_ray.config import MergeSection, SFTSection
 from imm_ray.data.records import Problem
 from imm_ray.stages import StageStore, Step
@@ -177,18 +178,21 @@ class FineTune(Step):
 
 
 class Importance(Step):
-    """Layer importance I^n of a model on reference solutions (IIMM's per-layer scale)."""
+    """Layer importance I^n of a model on reference solutions (IIMM's per-layer scale), in a Ray task with its
+    own resources (actors/analysis.py): the driver never loads the model."""
 
     kind = "importance"
-    code = ("imm_ray.analysis",)
+    code = ("imm_ray.analysis", "actors.analysis")
 
     model: ModelSource
     pairs: tuple[tuple[str, str], ...]
+    resources: AnalysisResources = AnalysisResources()
 
     def run(self, out: Path, store: StageStore) -> dict[str, Any]:
-        from imm_ray.analysis import layer_importance, plot_layers, write_layer_csv
+        from actors.analysis import model_importance
+        from imm_ray.analysis import plot_layers, write_layer_csv
 
-        frame = layer_importance(model_path(self.model, store), list(self.pairs))
+        frame = model_importance(model_path(self.model, store), self.pairs, self.resources)
         out.mkdir(parents=True)
         write_layer_csv(frame, out / "importance.csv")
         plot_layers(frame, "importance", out / "importance.png", "Layer importance of the base model")
@@ -261,23 +265,26 @@ class Evaluate(Step):
 
 
 class Analyze(Step):
-    """The paper's layer analysis of one model: ΔW^n against the ORIGINAL base and importance I^n."""
+    """The paper's layer analysis of one model: ΔW^n against the ORIGINAL base and importance I^n, in one Ray task
+    with its own resources (actors/analysis.py); the driver writes the two small tables and their plots."""
 
     kind = "analysis"
-    code = ("imm_ray.analysis",)
+    code = ("imm_ray.analysis", "actors.analysis")
 
     base: ModelSource
     model: ModelSource
     pairs: tuple[tuple[str, str], ...]
+    resources: AnalysisResources = AnalysisResources()
 
     def run(self, out: Path, store: StageStore) -> dict[str, Any]:
-        from imm_ray.analysis import layer_importance, plot_layers, weight_change, write_layer_csv
+        from actors.analysis import analyze_model
+        from imm_ray.analysis import plot_layers, write_layer_csv
 
+        change, importance = analyze_model(model_path(self.base, store), model_path(self.model, store), self.pairs,
+                                           self.resources)
         out.mkdir(parents=True)
-        change = weight_change(model_path(self.base, store), model_path(self.model, store))
         write_layer_csv(change, out / "weight_change.csv")
         plot_layers(change, "weight_change", out / "weight_change.png", "Weight change vs the base, per layer")
-        importance = layer_importance(model_path(self.model, store), list(self.pairs), progress=False)
         write_layer_csv(importance, out / "importance.csv")
         plot_layers(importance, "importance", out / "importance.png", "Layer importance")
         return {"layers": len(change)}

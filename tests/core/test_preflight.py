@@ -66,3 +66,25 @@ def test_sft_prompts_are_the_evaluation_format_through_the_chat_template(tmp_pat
     eval_prompts = dict(zip([p.id for p in prepared.eval_sets["toy_id"]], prepared.eval_prompts["toy_id"]))
     assert prepared.sft_prompts == eval_prompts and all(p.startswith("<|user|>") for p in eval_prompts.values())
     assert all(t != prepared.sft_prompts[p.id] for p, t in zip(prepared.train_problems, prepared.train_prompts))
+
+
+def test_memory_plan_refuses_before_any_model_is_resolved(ray_cluster):
+    """A folder holding only a config.json (no weights) is enough to plan: the memory check names the stage that
+    cannot fit before the model folder itself is checked."""
+    from pathlib import Path
+
+    shape_only = Path(__file__).resolve().parents[1] / "fixtures" / "model_configs" / "Qwen2.5-0.5B-Instruct"
+    config = load_config(None, [f"model.path={shape_only}", "resources.sft_workers=64"])
+    with pytest.raises(PreflightError, match=r"^memory plan: stage sft \(Qwen2.5-0.5B-Instruct\).*needs 64 processes"):
+        prepare_run(config)
+    small = ["sft.max_length=64", "sft.per_device_batch_size=1", "generation.questions_per_batch=4"]
+    with pytest.raises(PreflightError, match="has no .safetensors weights"):  # the plan fits: the folder is next
+        prepare_run(load_config(None, [f"model.path={shape_only}", *small]))
+
+
+def test_cluster_capacity_reads_no_private_ray_state():
+    import inspect
+
+    from imm_ray import preflight
+
+    assert "_private" not in inspect.getsource(preflight)

@@ -1,0 +1,1 @@
+"""The memory plan: model shapes from config.json, per-process memory estimates, node types, the fit check."""
