@@ -8,6 +8,9 @@ then loads base, SFT and merged models on the GPU with transformers and compares
 Prints a summary and writes it as JSON; exits non-zero on any failed check. ``--cpu`` runs the same path on the
 CPU (gloo) to check the script where there is no GPU. Under ``ray job submit`` (RAY_ADDRESS set) it uses the
 cluster; ``--out`` must then be on storage every node shares.
+
+``--bare`` (chosen by scripts/gpu_smoke.sh when Ray or DeepSpeed is not installed) runs the same stages with
+torch, transformers and safetensors only: scripts/gpu_smoke_bare.py.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--pairs", type=int, default=1024, help="synthetic training pairs")
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--bare", action="store_true",
+                        help="torch, transformers and safetensors only: no Ray, vLLM or DeepSpeed (gpu_smoke_bare.py)")
     return parser.parse_args()
 
 
@@ -210,16 +215,29 @@ def main() -> int:
         work = args.out or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         try:
-            summary = run(args, work)
+            if args.bare:
+                from gpu_smoke_bare import run_bare
+
+                summary = run_bare(args, work)
+            else:
+                summary = run(args, work)
         except SmokeFailure as failure:
             print(f"imm-ray GPU smoke test: FAILED: {failure}", file=sys.stderr, flush=True)
             return 1
         summary["total_s"] = round(time.perf_counter() - started, 1)
         (work / "summary.json").write_text(json.dumps(summary, indent=2))
-        print_summary(summary, summary["total_s"])
+        if args.bare:
+            from gpu_smoke_bare import print_bare_summary
+
+            print_bare_summary(summary)
+        else:
+            print_summary(summary, summary["total_s"])
         print(f"summary.json: {work / 'summary.json'}" if args.out else "", flush=True)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import gpu_smoke  # one copy of this module, shared with gpu_smoke_bare: its SmokeFailure is the one caught
+
+    sys.exit(gpu_smoke.main())
