@@ -8,6 +8,7 @@ come from the models' cards, and cluster.yaml is checked with the Ray cluster la
 from __future__ import annotations
 
 import json
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,8 +104,19 @@ def test_cluster_dashboard_is_reachable_only_through_ssh(cluster):
 
 def test_cluster_installs_the_project_and_mounts_shared_storage(cluster):
     setup = " ".join(cluster["setup_commands"])
-    assert cluster["file_mounts"] == {"~/imm-ray": "."} and ".gitignore" in cluster["rsync_filter"]
-    assert "torch==2.13.0" in setup and '-e "$HOME/imm-ray[dev]"' in setup and "uv pip install vllm" in setup
+    assert cluster["file_mounts"] == {"~/imm-ray": ".", "~/.ray/auth_token": "~/.ray/auth_token"}
+    assert ".gitignore" in cluster["rsync_filter"]
+    assert "torch==2.13.0" in setup and '-e "$HOME/imm-ray[dev,vllm]"' in setup
+    # every package installed by name is pinned: the project's extras pin vLLM and Ray (with its job server)
+    installs = [word for command in cluster["setup_commands"] if "uv pip install" in command
+                for part in command.split("uv pip install")[1:] for word in part.split("&&")[0].split()
+                if not word.startswith(("-", "https://", '"$HOME'))]
+    assert all("==" in word for word in installs if word not in ("setuptools", "wheel", "boto3")), installs
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["optional-dependencies"]["vllm"] == ["vllm==0.32.0"]
+    assert "ray[default,train,data,tune]==2.60.0" in project["dependencies"]
+    starts = " ".join(cluster["head_start_ray_commands"] + cluster["worker_start_ray_commands"])
+    assert starts.count("RAY_AUTH_MODE=token ray start") == 2  # token authentication on every node
     assert "mount -t nfs4" in setup and f":/ {SHARED_MOUNT})" in setup
     assert f"HF_HOME={SHARED_MOUNT}/" in setup  # a model the driver downloads is at the same path on the workers
 
