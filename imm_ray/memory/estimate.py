@@ -43,8 +43,9 @@ from imm_ray.memory.shapes import DTYPE_BYTES, ModelShape
 GIB = 2**30
 MIB = 2**20
 # A Python process with torch and transformers imported (and a Ray worker's own runtime): the host memory it
-# takes before any model. Measured here: `import torch, transformers` + a Ray worker idle, ~0.9-1.1 GiB RSS;
-# rounded up to cover CUDA's host-side libraries on a GPU node.
+# takes before any model. Measured here (CPU build of torch 2.13): `import torch, transformers` and the engine
+# module, 331 MiB peak RSS; a CUDA process adds the host side of the CUDA runtime and kernels (not measured here,
+# no GPU). 1.5 GiB is an allowance for both, not a measurement.
 PROCESS_HOST_BYTES = int(1.5 * GIB)
 # The CUDA context and cuBLAS/cuDNN workspaces of a GPU process (commonly 0.3-0.6 GiB on A100/H100 with CUDA 12).
 CUDA_CONTEXT_BYTES = int(0.5 * GIB)

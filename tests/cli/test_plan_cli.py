@@ -1,4 +1,5 @@
-"""``imm-ray plan``: the plan printed, a config that cannot fit refused in one line (exit 2), cached stages done."""
+"""``imm-ray plan`` (imm_ray/cli/plan.py; not test_plan.py, the name of tests/memory/test_plan.py): the plan
+printed, a config that cannot fit refused in one line (exit 2), cached stages shown done."""
 
 from __future__ import annotations
 
