@@ -5,21 +5,73 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
-# Quiet the per-actor start-up chatter of transformers and tokenizers; Ray's own progress bars stay.
+# Quiet the per-actor start-up chatter of transformers and tokenizers.
 WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+SESSION_LINK = "ray_session"  # logs/<this> -> the Ray session's log folder (raylet, workers' stdout/stderr)
 
 
 @contextlib.contextmanager
-def ray_session() -> Iterator[None]:
-    """Use the running Ray (or the cluster at RAY_ADDRESS); start a local cluster otherwise and stop it after."""
+def ray_session(logs: Path | None = None, *, verbose: bool = False) -> Iterator[None]:
+    """Use the running Ray (or the cluster at RAY_ADDRESS); start a local cluster otherwise and stop it after.
+
+    With ``logs`` (a run's log folder) and not ``verbose``, the workers' stdout and stderr are not forwarded to
+    this driver (``log_to_driver=False``): they stay in the Ray session's log folder, which ``logs/ray_session``
+    links to, and Ray Data draws no progress bars (the caller shows its own progress). A Ray that is already
+    running keeps its own settings.
+    """
     import ray
 
     if ray.is_initialized():
         yield
         return
-    ray.init(address=os.environ.get("RAY_ADDRESS"), runtime_env={"env_vars": WORKER_ENV}, logging_level="WARNING")
+    quiet = logs is not None and not verbose
+    context = ray.init(address=os.environ.get("RAY_ADDRESS"), runtime_env={"env_vars": WORKER_ENV},
+                       logging_level="WARNING", log_to_driver=not quiet)
+    if logs is not None:
+        link_session_logs(Path(context.address_info.get("session_dir", "")), logs)
+    if quiet:
+        from ray.data import DataContext
+
+        DataContext.get_current().enable_progress_bars = False
     try:
         yield
     finally:
         ray.shutdown()
+
+
+def link_session_logs(session_dir: Path, logs: Path) -> Path | None:
+    """Point ``logs/ray_session`` at the session's log folder where this machine can see it (a local cluster,
+    or the head node); return the link."""
+    folder = session_dir / "logs"
+    if not session_dir.name or not folder.is_dir():
+        return None
+    logs.mkdir(parents=True, exist_ok=True)
+    link = logs / SESSION_LINK
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(folder.resolve(), target_is_directory=True)
+    return link
+
+
+def root_cause(error: BaseException) -> BaseException:
+    """The exception the work raised, under the layers Ray wraps it in: a task's or actor's ``RayTaskError``
+    (``.cause``), Ray Data's ``UserCodeException`` (raised from the task error), Ray Train's ``WorkerGroupError``
+    (the lowest rank's failure) and ``ControllerError``. An exception that is not Ray's is returned as it is."""
+    from ray.exceptions import RayError
+    from ray.train import ControllerError, TrainingFailedError, WorkerGroupError
+
+    for _ in range(20):  # a bound, not a limit met in practice: each layer is one step
+        if isinstance(error, WorkerGroupError) and error.worker_failures:
+            inner = error.worker_failures[min(error.worker_failures)]
+        elif isinstance(error, ControllerError):
+            inner = error.controller_failure
+        elif isinstance(error, RayError | TrainingFailedError):
+            inner = getattr(error, "cause", None) or error.__cause__
+        else:
+            return error
+        if not isinstance(inner, BaseException):
+            return error
+        error = inner
+    return error

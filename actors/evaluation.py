@@ -9,6 +9,7 @@ import pandas as pd
 from actors.engines import EngineSpec
 from actors.generation import PoolSpec, SamplingPlan, generate_samples
 from imm_ray.data.records import Problem
+from imm_ray.progress import ProgressFn
 from imm_ray.stats import BOOTSTRAP_METHOD, percentile_estimate, question_counts, set_scores
 
 INTERVAL_METHOD = BOOTSTRAP_METHOD  # what pass@k_low / pass@k_high are: 95% interval over the set's questions
@@ -39,10 +40,11 @@ def evaluate_model(
     plan: SamplingPlan,
     pool: PoolSpec,
     ks: Sequence[int],
+    progress: ProgressFn | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Sample ``plan.samples_per_question`` answers for every question of every set in one pipeline run;
-    return (graded samples, per-set metrics)."""
+    return (graded samples, per-set metrics). ``progress``: as for generate_samples."""
     problems = [p for name in sets for p in sets[name]]
     all_prompts = [text for name in sets for text in prompts[name]]
-    samples = generate_samples(problems, all_prompts, engine, plan, pool)
+    samples = generate_samples(problems, all_prompts, engine, plan, pool, progress)
     return samples, evaluate_samples(samples, ks)

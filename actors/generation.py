@@ -8,6 +8,7 @@ one group per call; a vLLM actor takes its whole share of the stage in one call 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Sequence
@@ -56,6 +57,32 @@ class PoolSpec:
     max_actors: int = 1
     cpus_per_actor: float = 1
     gpus_per_actor: float = 0
+
+
+def actor_remote_args(pool: PoolSpec, tensor_parallel: int = 1) -> dict[str, Any]:
+    """Ray's resource arguments of a generation actor.
+
+    One GPU per engine (or none): the actor holds its CPUs and GPU. Tensor parallel (``tensor_parallel`` > 1 on
+    GPUs), as Ray's own ``ray.data.llm`` does it (actors/engines/vllm_engine.py says why not that processor): the
+    actor asks for no GPU and is started in a placement group of its own, one bundle of one GPU per TP rank, all
+    on one node (STRICT_PACK: TP's all-reduces need the node's NVLink); the group captures what the actor starts, so
+    vLLM's Ray executor places its TP workers in the group's GPU bundles."""
+    if tensor_parallel == 1 or not pool.gpus_per_actor:
+        return {"num_cpus": pool.cpus_per_actor, **({"num_gpus": pool.gpus_per_actor} if pool.gpus_per_actor else {})}
+    if pool.gpus_per_actor != tensor_parallel:
+        raise ValueError(f"resources.gpus_per_generation_actor ({pool.gpus_per_actor:g}) must equal "
+                         f"generation.tensor_parallel_size ({tensor_parallel}): one GPU per tensor-parallel rank")
+    bundle = {"CPU": pool.cpus_per_actor / tensor_parallel, "GPU": 1.0}
+    return {"num_cpus": bundle["CPU"], "num_gpus": 0,
+            "ray_remote_args_fn": functools.partial(engine_placement, tensor_parallel, bundle)}
+
+
+def engine_placement(tensor_parallel: int, bundle: dict[str, float]) -> dict[str, Any]:
+    """A new placement group for one tensor-parallel engine (Ray Data calls this for every actor it starts)."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    group = ray.util.placement_group([dict(bundle) for _ in range(tensor_parallel)], strategy="STRICT_PACK")
+    return {"scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True)}
 
 
 def build_request_groups(problems: Sequence[Problem], prompts: Sequence[str], plan: SamplingPlan) -> list[dict]:
@@ -144,8 +171,7 @@ def generate_samples(
         fn_constructor_kwargs={"spec": engine.model_dump(mode="json")},
         batch_size=groups_per_call(engine, len(groups), pool.max_actors),
         compute=compute,
-        num_cpus=pool.cpus_per_actor,
-        **({"num_gpus": pool.gpus_per_actor} if pool.gpus_per_actor else {}),
+        **actor_remote_args(pool, engine.tensor_parallel_size),
     )
     rows, total = [], len(problems) * plan.samples_per_question
     if progress is not None:

@@ -13,9 +13,11 @@ model's evaluation reads no seed, so it is one stage shared by every seed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,10 +25,12 @@ from typing import Any
 import pandas as pd
 from rich.console import Console
 
-from actors.cluster import ray_session
+from actors.cluster import ray_session, root_cause
 from imm_ray.analysis_resources import analysis_resources
 from imm_ray.config import ExperimentConfig, save_config
+from imm_ray.console import DRIVER_LOG, RunView, output_to
 from imm_ray.preflight import ModelRef, PreparedRun, prepare_run
+from imm_ray.progress import reporting
 from imm_ray.stages import StageStore, Step, fingerprint, read_record
 from imm_ray.steps import (
     Analyze, Evaluate, ExternalModel, FineTune, Generate, Importance, Merge, NoCorrectSamplesError, SelectPairs,
@@ -61,6 +65,20 @@ class StageEvent:
 
 
 HISTORY_FILE = "history.jsonl"  # one line per invocation of the run: start, end, wall time, what it computed
+LOGS = "logs"  # <run>/logs/: the driver's other output, Ray's session logs (linked), stage tracebacks
+
+
+class StageError(RuntimeError):
+    """A stage that failed, in one line: which stage, the cause (the exception a Ray worker or the driver raised,
+    unwrapped from Ray's layers: ``cause``) and the file holding the full traceback (``traceback_file``)."""
+
+    def __init__(self, message: str, cause: BaseException, traceback_file: Path) -> None:
+        super().__init__(message)
+        self.cause = cause
+        self.traceback_file = traceback_file
+
+    def __reduce__(self):  # it crosses process boundaries (a sweep trial runs the loop in a Ray task)
+        return (type(self), (str(self), self.cause, self.traceback_file))
 
 
 @dataclass
@@ -106,21 +124,42 @@ def history_note(history: list[dict[str, Any]]) -> str:
             + table + "\n")
 
 
+def stage_error(stage: str, error: Exception, traceback_file: Path) -> StageError:
+    """One line for the console (the stage, the cause unwrapped from Ray's layers, the traceback's file); the
+    whole traceback, every Ray worker's part included, written to ``traceback_file``."""
+    cause = root_cause(error)
+    traceback_file.parent.mkdir(parents=True, exist_ok=True)
+    parts = traceback.format_exception(error)
+    if cause is not error:
+        parts += ["\nThe cause, as the worker raised it:\n", *traceback.format_exception(cause)]
+    traceback_file.write_text("".join(parts))
+    text = str(cause).strip()
+    shown = f"{type(cause).__name__}: {text.splitlines()[0]}" if text else type(cause).__name__
+    if len(shown) > 400:
+        shown = shown[:397] + "..."
+    return StageError(f"{stage} failed: {shown} (full traceback: {traceback_file})", cause, traceback_file)
+
+
 class IterationLoop:
     """Runs every configured strategy for ``experiment.iterations`` iterations, once per seed, over one stage cache."""
 
     def __init__(
         self,
         config: ExperimentConfig,
-        console: Console | None = None,
+        console: Console | RunView | None = None,
         *,
         run_dir: Path | None = None,
         stage_cache: Path | None = None,
+        capture_output: bool = False,
     ) -> None:
         """``run_dir`` defaults to ``output_dir/name``; a sweep trial gets its own run_dir and the sweep's
-        shared ``stage_cache``, so stages equal across trials are computed once."""
+        shared ``stage_cache``, so stages equal across trials are computed once. ``capture_output`` (the CLI):
+        what else this process prints while the run lasts (Ray, libraries) goes to ``<run>/logs/driver.log``
+        unless the view is verbose."""
         self.config = config
-        self.console = console or Console()
+        self.view = console if isinstance(console, RunView) else RunView(console or Console())
+        self.console = self.view.console
+        self.capture_output = capture_output
         # absolute: Ray workers run in their own working directories
         self.run_dir = (Path(run_dir) if run_dir is not None else config.run_dir).resolve()
         self.store = StageStore(self.run_dir, Path(stage_cache).resolve() if stage_cache else None)
@@ -135,8 +174,13 @@ class IterationLoop:
         self.store.clean_leftovers()
         save_config(self.config, self.run_dir / "config.yaml")
         result = RunResult(self.run_dir)
-        with ray_session():
+        logs = self.run_dir / LOGS
+        self.view.header(self._title(), logs)
+        capture = output_to(logs / DRIVER_LOG, self.console) if self.capture_output and not self.view.verbose \
+            else contextlib.nullcontext()
+        with capture, ray_session(logs, verbose=self.view.verbose):
             self.prepared = prepare_run(self.config)
+            self.view.stages_total = self._count_stages()
             self._traverse(result)
         result.seconds = time.time() - started
         result.events = list(self.events)
@@ -152,6 +196,23 @@ class IterationLoop:
                                     self.config.eval.k, extra=history_note(read_history(self.run_dir)))
         return result
 
+    def _title(self) -> str:
+        exp = self.config.experiment
+        labels = ", ".join(STRATEGIES[s].label for s in exp.strategies)
+        seeds = ",".join(map(str, exp.seeds))
+        return (f"imm-ray run {exp.name} · {labels} · seed{'s' if len(exp.seeds) > 1 else ''} {seeds} · "
+                f"{exp.iterations} iteration{'s' if exp.iterations > 1 else ''}")
+
+    def _count_stages(self) -> int:
+        """How many stages this run declares (for the view's "stage k of n"); runs nothing."""
+        self.planning = True
+        try:
+            self._traverse(RunResult(self.run_dir))
+            return len(self.events)
+        finally:
+            self.planning = False
+            self.events.clear()
+
     def plan(self) -> list[StageEvent]:
         """Every stage of the run as declared now, each done or pending; runs nothing and starts no cluster."""
         self.prepared = prepare_run(self.config, check_cluster=False)
@@ -164,6 +225,7 @@ class IterationLoop:
 
     def _traverse(self, result: RunResult) -> None:
         base = _external(self.prepared.base)
+        self._section("Base model (one evaluation, shared by every strategy and seed)")
         base_eval = self.evaluate(base, self.run_dir / "base" / "eval")
         for seed in self.config.experiment.seeds:
             result.evaluations.append(EvalEntry("base", None, "base", base_eval, seed=seed))
@@ -180,7 +242,7 @@ class IterationLoop:
         teacher = _external(self.prepared.teacher) if strategy.teacher_generates else None
         for t in range(self.config.experiment.iterations):
             where = self.seed_dir(seed) / strategy.name / f"iter_{t}"
-            self._say(f"[bold]{strategy.label}[/] seed {seed} iteration {t}")
+            self._section(f"{strategy.label} · seed {seed} · iteration {t}")
             samples = self.generate(teacher or current, seed, t)
             generated = self._run(samples, where / "generate", f"generate from {_name(samples.model)}")
             pairs = self.select_pairs(strategy, samples, tuple(generations), seed, t)
@@ -270,25 +332,31 @@ class IterationLoop:
             self._record(step, link, what, "done" if done else "pending (inputs changed)" if stale else "pending")
             return final
         if done:
-            self._say(f"  [dim]{what}: done earlier, reused ({step.kind}-{step.fingerprint[:8]})[/]")
             folder = run_step(self.store, step, link)
             self._record(step, link, what, "reused")
+            self.view.reused(what, self.events[-1].seconds)
             return folder
-        self._say(f"  {what} ...")
-        started = time.time()
-        folder = run_step(self.store, step, link)
-        self._say(f"  [green]{what}: done in {time.time() - started:.1f} s[/]")
+        with self.view.stage(what) as progress, reporting(progress):
+            try:
+                folder = run_step(self.store, step, link)
+            except Exception as error:
+                raise self._stage_error(step, link, what, error) from error
         self._record(step, link, what, "computed")
         return folder
+
+    def _stage_error(self, step: Step, link: Path, what: str, error: Exception) -> StageError:
+        where = link.relative_to(self.run_dir) if link.is_relative_to(self.run_dir) else link
+        file = self.run_dir / LOGS / f"{step.kind}-{step.fingerprint[:12]}.traceback.txt"
+        return stage_error(f"stage {where} ({what})", error, file)
 
     def _record(self, step: Step, link: Path, what: str, status: str) -> None:
         record = read_record(self.store.folder(step.kind, step.fingerprint)) or {}
         self.events.append(StageEvent(str(link.relative_to(self.run_dir)), step.kind, step.fingerprint, what, status,
                                       record.get("seconds")))
 
-    def _say(self, text: str) -> None:
+    def _section(self, text: str) -> None:
         if not self.planning:
-            self.console.print(text)
+            self.view.section(text)
 
 
 def _external(model: ModelRef) -> ExternalModel:

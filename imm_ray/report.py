@@ -29,6 +29,8 @@ META_COLUMNS = ("model", "strategy", "iteration", "role", "seeds")
 LOW, HIGH, QUESTIONS, SAMPLES = " low", " high", " questions", " samples"
 SUFFIXES = (LOW, HIGH, QUESTIONS, SAMPLES)
 SAMPLE_COLUMNS = ["question_id", "set_name", "completion", "extracted", "correct"]
+TRAJECTORY_PNG = "accuracy_over_iterations.png"
+LAYERS_PNG = "layers.png"
 
 
 # ---- the models of a run -------------------------------------------------------------------------------------
@@ -492,18 +494,22 @@ def write_report(run_dir: Path, rows: Sequence[dict], id_set: str, ks: Sequence[
     compared = comparison_frame(models, id_set, ks, book)
     compared.to_csv(run_dir / "comparisons.csv", index=False)
     first = tables[ks[0]]
-    plot_trajectories(first, id_set, run_dir / "accuracy_over_iterations.png",
-                      f"pass@{ks[0]} over iterations (95% bands)")
-    sections = [f"# imm-ray report: {run_dir.name}\n", f"> {ALPHA_CONVENTION}\n",
-                f"## Summary\n\n{headline(models, compared, id_set, ks[0])}\n", counts_line(models, id_set)]
+    plot_trajectories(first, id_set, run_dir / TRAJECTORY_PNG, f"pass@{ks[0]} over iterations (95% bands)")
+    sections = [f"# imm-ray report: {run_dir.name}\n", f"## Summary\n\n{headline(models, compared, id_set, ks[0])}\n",
+                f"> {ALPHA_CONVENTION}\n", counts_line(models, id_set)]
     sections += [f"## pass@{k} (%), in-domain `{id_set}` first\n\n{to_markdown(t)}\n" for k, t in tables.items()]
-    sections.append("![accuracy over iterations](accuracy_over_iterations.png)\n\nBands: each model's own 95% "
-                    "interval. Whether two models differ is read from the paired comparisons below, not from "
-                    "overlapping bands (pairing on the same questions removes the shared question difficulty).\n")
-    sections.append(comparisons_section(compared, ks))
-    sections += [what_came_out(compared, ks[0]), diagnostics_section(models, ks, book), layer_section(rows, run_dir)]
+    sections += [comparisons_section(compared, ks), what_came_out(compared, ks[0])]
+    sections += ["## Figures\n", f"![accuracy over iterations]({TRAJECTORY_PNG})\n\nBands: each model's own 95% "
+                 "interval. Whether two models differ is read from the paired comparisons above, not from "
+                 "overlapping bands (pairing on the same questions removes the shared question difficulty).\n",
+                 layer_figure_section(rows, run_dir)]
+    sections += [diagnostics_section(models, ks, book), layer_section(rows, run_dir)]
     sections += [extra, seed_appendix(models, id_set, ks, book)]
-    (run_dir / "report.md").write_text("\n".join(s for s in sections if s))
+    text = "\n".join(s for s in sections if s)
+    (run_dir / "report.md").write_text(text)
+    from imm_ray.report_html import write_html
+
+    write_html(run_dir / "report.html", text, run_dir, f"imm-ray report: {run_dir.name}")
     return first
 
 
@@ -553,3 +559,72 @@ def layer_section(rows: Sequence[dict], run_dir: Path) -> str:
     note = ("Per-model CSVs and bar plots: `<strategy>/iter_<t>/analysis_{sft,merge}/` "
             "(weight_change.png, importance.png).\n")
     return "## Layer analysis\n\n" + note + "\n" + "\n".join(parts)
+
+
+def last_layer_profiles(rows: Sequence[dict], file: str, column: str) -> dict[str, np.ndarray]:
+    """Per model of each strategy's last iteration (SFT and merge): its per-layer values, one row per seed."""
+    last: dict[str, int] = {}
+    for row in rows:
+        if row.get("analysis") is not None and row["iteration"] is not None:
+            last[row["strategy"]] = max(last.get(row["strategy"], -1), int(row["iteration"]))
+    profiles: dict[str, list[np.ndarray]] = {}
+    seen: set[Path] = set()
+    for row in rows:
+        folder = row.get("analysis")
+        if folder is None or row["iteration"] != last.get(row["strategy"]) or not (Path(folder) / file).is_file():
+            continue
+        if Path(folder).resolve() in seen:  # a stage two strategies share (iteration 0's SFT) is drawn once
+            continue
+        seen.add(Path(folder).resolve())
+        values = pd.read_csv(Path(folder) / file).sort_values("layer")[column].to_numpy(dtype=float)
+        profiles.setdefault(model_label(row["strategy"], row["iteration"], row["role"]), []).append(values)
+    return {label: np.vstack(found) for label, found in profiles.items()}
+
+
+def plot_layer_figure(rows: Sequence[dict], path: Path) -> bool:
+    """The paper's Figures 3 and 4 side by side: weight change against the base and layer importance, per layer,
+    for each strategy's last models; the line is the mean over seeds, the band their range (several seeds)."""
+    change = last_layer_profiles(rows, "weight_change.csv", "weight_change")
+    importance = last_layer_profiles(rows, "importance.csv", "importance")
+    if not change and not importance:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4), squeeze=False)
+    panels = ((change, "Weight change against the ORIGINAL base", r"$\Delta W^n = \sum_k \|W - W_{base}\|_F$"),
+              (importance, "Layer importance", r"$I^n = \sum |\partial L / \partial W \odot W|$"))
+    for axis, (profiles, title, ylabel) in zip(axes[0], panels):
+        for label, values in profiles.items():
+            layers = np.arange(values.shape[1])
+            line, = axis.plot(layers, values.mean(axis=0), marker="o", markersize=3, label=label)
+            if len(values) > 1:
+                axis.fill_between(layers, values.min(axis=0), values.max(axis=0), color=line.get_color(), alpha=0.15,
+                                  linewidth=0)
+        axis.set_title(title)
+        axis.set_xlabel("layer n")
+        axis.set_ylabel(ylabel)
+        axis.set_ylim(bottom=0)
+        axis.grid(alpha=0.3)
+        if profiles:
+            axis.legend(fontsize=8)
+    several = any(len(values) > 1 for profiles, _, _ in panels for values in profiles.values())
+    figure.suptitle("Per layer, each strategy's last models" + (" (line: mean over seeds, band: their range)"
+                                                               if several else " (one seed)"))
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True
+
+
+def layer_figure_section(rows: Sequence[dict], run_dir: Path) -> str:
+    if not plot_layer_figure(rows, run_dir / LAYERS_PNG):
+        return ""
+    seeds = len({row.get("seed", 0) for row in rows})
+    spread = ("the band is the range over the seeds" if seeds > 1
+              else "one seed, so no band: these are measurements of one model each, not estimates")
+    return (f"![weight change and importance per layer]({LAYERS_PNG})\n\nWhere fine-tuning moved the weights "
+            f"(left) against where the layers matter for reasoning (right), as the paper's Figures 3 and 4; {spread}."
+            " Tables of both are in the layer analysis below.\n")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from imm_ray.data.records import Problem
-from imm_ray.data.registry import load_set
+from imm_ray.data.registry import load_set, require_known
 from imm_ray.grading import grade
 
 
@@ -65,12 +65,24 @@ class GradeReport:
         return {"set": self.set_name, "n": self.n, "correct": self.correct, "accuracy": self.accuracy}
 
 
-def read_predictions(path: Path, num_records: int) -> list[Prediction]:
-    """Parse and check a predictions file before anything is graded; errors name file and line."""
-    return list(_predictions(path, num_records))
+def read_predictions(path: Path, num_records: int | None = None) -> list[Prediction]:
+    """Parse and check a predictions file before anything is graded; errors name file and line. With
+    ``num_records``, each index is checked to point at a record too."""
+    predictions = list(_predictions(path))
+    if num_records is not None:
+        check_indices(path, predictions, num_records)
+    return predictions
 
 
-def _predictions(path: Path, num_records: int) -> Iterator[Prediction]:
+def check_indices(path: Path, predictions: Sequence[Prediction], num_records: int) -> None:
+    """Every prediction points at one of the ``num_records`` records; the first that does not names its line."""
+    for prediction in predictions:
+        if not 0 <= prediction.index < num_records:
+            raise PredictionsError(f"{path}:{prediction.line}: index {prediction.index} is out of range "
+                                   f"(the data has {num_records} records)")
+
+
+def _predictions(path: Path) -> Iterator[Prediction]:
     try:
         handle = path.open(encoding="utf-8")
     except OSError as error:
@@ -78,10 +90,10 @@ def _predictions(path: Path, num_records: int) -> Iterator[Prediction]:
     with handle:
         for number, text in enumerate(handle, start=1):
             if text.strip():
-                yield _prediction(path, number, text, num_records)
+                yield _prediction(path, number, text)
 
 
-def _prediction(path: Path, line: int, text: str, num_records: int) -> Prediction:
+def _prediction(path: Path, line: int, text: str) -> Prediction:
     where = f"{path}:{line}"
     try:
         row = json.loads(text)
@@ -92,8 +104,8 @@ def _prediction(path: Path, line: int, text: str, num_records: int) -> Predictio
     index = row.get("index")
     if isinstance(index, bool) or not isinstance(index, int):
         raise PredictionsError(f"{where}: 'index' must be an integer record position, got {index!r}")
-    if not 0 <= index < num_records:
-        raise PredictionsError(f"{where}: index {index} is out of range (the data has {num_records} records)")
+    if index < 0:
+        raise PredictionsError(f"{where}: index {index} is out of range (record positions start at 0)")
     completion = row.get("completion")
     if not isinstance(completion, str):
         missing = "has no 'completion'" if completion is None else "'completion' must be a string"
@@ -131,7 +143,10 @@ def grade_file(
     seed: int = 0,
     last_number_fallback: bool = False,
 ) -> GradeReport:
-    """Load the set, check the whole predictions file, then grade it (``seed``: toy sets only)."""
+    """Check the set's name and the whole predictions file (the user's own inputs, before any data is loaded or
+    downloaded), load the set, check every index against it, then grade (``seed``: toy sets only)."""
+    require_known(set_name)
+    predictions = read_predictions(Path(predictions_path))
     problems = load_set(set_name, split, path=data, data_dir=data_dir, seed=seed)
-    predictions = read_predictions(Path(predictions_path), len(problems))
+    check_indices(Path(predictions_path), predictions, len(problems))
     return grade_predictions(set_name, problems, predictions, last_number_fallback=last_number_fallback)

@@ -1,9 +1,15 @@
-"""User errors end in one clear line and exit code 2, never a traceback."""
+"""User errors end in one clear line and exit code 2, never a traceback; a failed stage in one line too.
+
+A stage that fails (inside a Ray worker or on the driver) reaches the console as the loop's
+:class:`~imm_ray.loop.StageError`: the stage, the cause and the file under ``<run>/logs/`` holding the full
+traceback. Its exit code is 2 when the cause is one of the user errors below (bad input the user can fix), else 1.
+"""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import NoReturn
 
 import typer
 from rich.console import Console
@@ -27,11 +33,21 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
             PredictionsError, FileExistsError)
 
 
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Print ``error: message`` as one line on stderr and exit with ``code``."""
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn the errors a user can cause into a one-line message and exit code 2."""
+    """Turn the errors a user can cause, and failed stages, into a one-line message and an exit code."""
+    from imm_ray.loop import StageError
+
+    users = _user_error_types()
     try:
         yield
-    except _user_error_types() as error:
-        err_console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+    except StageError as error:
+        fail(str(error), 2 if isinstance(error.cause, users) else 1)
+    except users as error:
+        fail(str(error))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import typer
@@ -34,20 +35,39 @@ def evaluate(
     actors: int = typer.Option(1, "--actors", min=1, help="Generation actors in the pool."),
     seed: int = typer.Option(0, "--seed", help="Seed of the sampling (the loop's eval.seed)."),
     out: Path = typer.Option(Path("eval_out"), "--out", help="Folder for per-set JSON, metrics.csv and metrics.md."),
+    verbose: bool = typer.Option(False, "--verbose", help="Also show Ray's and the workers' own output "
+                                 "(always kept in OUT/logs/)."),
 ) -> None:
     """Sample answers, grade them, and report pass@k per set (JSON per set, a CSV and a markdown table)."""
     from actors.cluster import ray_session
+    from imm_ray.console import DRIVER_LOG, RunView, output_to
+    from imm_ray.data.registry import load_set
+    from imm_ray.loop import stage_error
+    from imm_ray.preflight import prepare_eval, resolve_model
 
     console = Console()
     ks = [int(x) for x in _split_list(k, "k")]
     names = _split_list(sets, "data set")
+    view = RunView(console, verbose=verbose)
+    logs = out / "logs"
     with user_errors():
         config = _config(model, names, data_dir, split, samples, ks, limit, temperature, max_new_tokens,
                          num_shots, engine, actors, seed)
-        with ray_session():
-            metrics = _run(config, out)
+        # the user's model folder and the sets before a cluster starts: data that is not local fails here, at once
+        resolve_model("--model", str(model), trust_remote_code=False)
+        for name in names:
+            load_set(name, split, data_dir=data_dir, limit=limit, seed=config.data.seed)
+        view.header(f"imm-ray eval {model.name} on {', '.join(names)}", logs)
+        capture = output_to(logs / DRIVER_LOG, console) if not verbose else contextlib.nullcontext()
+        with capture, ray_session(logs, verbose=verbose):
+            prepared = prepare_eval(config)
+            with view.stage(f"evaluate {model.name}") as progress:
+                try:
+                    metrics = _run(config, prepared, out, progress)
+                except Exception as error:
+                    raise stage_error(f"evaluation of {model}", error, logs / "eval.traceback.txt") from error
     console.print(_markdown(metrics), markup=False)
-    console.print(f"written to {out}")
+    console.print(f"written to {out}", highlight=False, soft_wrap=True)
 
 
 def _config(model, names, data_dir, split, samples, ks, limit, temperature, max_new_tokens, num_shots, engine,
@@ -66,16 +86,14 @@ def _config(model, names, data_dir, split, samples, ks, limit, temperature, max_
     }, "eval options")
 
 
-def _run(config, out: Path):
+def _run(config, prepared, out: Path, progress):
     import json
 
     from actors.evaluation import INTERVAL_METHOD, evaluate_model
-    from imm_ray.preflight import prepare_eval
 
-    prepared = prepare_eval(config)
     samples, metrics = evaluate_model(
         prepared.eval_sets, prepared.eval_prompts, prepared.engine_spec(prepared.base.path), prepared.eval_plan(),
-        prepared.generation_pool, config.eval.k,
+        prepared.generation_pool, config.eval.k, progress,
     )
     out.mkdir(parents=True, exist_ok=True)
     samples.to_parquet(out / "samples.parquet", index=False)

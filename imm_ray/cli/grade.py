@@ -1,23 +1,19 @@
 """imm-ray grade SET PREDICTIONS.jsonl: grade existing completions; the last output line is a JSON summary.
 
-User errors (an unknown set, a bad data or predictions file) end with one line on stderr and exit code 2.
+User errors (an unknown set, a bad predictions or data file, hub data while offline) end with one line on stderr
+and exit code 2 (imm_ray/cli/errors.py).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
-from rich.console import Console
 
 from imm_ray.cli.app import app
-
-
-def _fail(message: str) -> NoReturn:
-    Console(stderr=True, highlight=False, soft_wrap=True).print(f"error: {message}", markup=False)
-    raise typer.Exit(code=2)
+from imm_ray.cli.errors import user_errors
 
 
 @app.command()
@@ -40,16 +36,13 @@ def grade(
     seed: Annotated[int, typer.Option("--seed", help="Toy sets only: the seed they were generated with.")] = 0,
 ) -> None:
     """Grade completions of SET's records; prints {"set", "n", "correct", "accuracy"} as the last line."""
-    from imm_ray.data.registry import DataError
-    from imm_ray.scoring import PredictionsError, grade_file
+    from imm_ray.scoring import grade_file
 
-    try:
+    with user_errors():  # the predictions file is checked first; hub data offline fails at once, not after retries
         report = grade_file(
             set_name, predictions, data=data, data_dir=data_dir, split=split, seed=seed,
             last_number_fallback=last_number_fallback,
         )
-    except (DataError, PredictionsError) as error:
-        _fail(str(error))
     if verbose:
         for row in report.rows:
             mark = "ok   " if row.correct else "wrong"

@@ -21,18 +21,22 @@ def run(
     overrides: list[str] = typer.Option([], "--set", help="Override a field, e.g. --set merge.alpha=0.3 (repeatable)."),
     seeds: str | None = typer.Option(
         None, "--seeds", help="Replicates, e.g. --seeds 0,1,2: the experiment runs once per seed (experiment.seeds)."),
+    verbose: bool = typer.Option(
+        False, "--verbose", help="Also show Ray's and the workers' own output (always kept in runs/<name>/logs/)."),
 ) -> None:
-    """Run T iterations of self-improvement for each strategy, then write runs/<name>/report.md."""
+    """Run T iterations of self-improvement for each strategy, then write runs/<name>/report.md and report.html."""
     from imm_ray.config import load_config, seeds_override
+    from imm_ray.console import RunView
     from imm_ray.loop import IterationLoop
 
     console = Console()
     with user_errors():
         path = config if config.exists() or config != DEFAULT_CONFIG else None  # defaults = the toy config
         cfg = load_config(path, [*overrides, *seeds_override(seeds)])
-        result = IterationLoop(cfg, console).run()
+        result = IterationLoop(cfg, RunView(console, verbose=verbose), capture_output=True).run()
     console.print(_rich_table(result.table, f"pass@{cfg.eval.k[0]} (%)"))
-    console.print(f"Report: {result.run_dir / 'report.md'}   wall time {result.seconds:.0f} s")
+    console.print(f"Report: {result.run_dir / 'report.md'} (and report.html)   wall time {result.seconds:.0f} s",
+                  highlight=False, soft_wrap=True)
 
 
 def _rich_table(frame, title: str) -> Table:

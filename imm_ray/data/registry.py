@@ -486,18 +486,47 @@ def _hub_download(spec: SetSpec, split: str) -> Path:
 
 
 def _download(spec: SetSpec, repo: str, filename: str, revision: str | None = None) -> Path:
-    """One data file from the Hugging Face hub via huggingface_hub (cached by it); failures name the fallbacks."""
+    """One data file from the Hugging Face hub via huggingface_hub (cached by it); failures name the fallbacks.
+
+    Offline (``HF_HUB_OFFLINE``), or when one connection to the hub fails, only huggingface_hub's cache is
+    looked at: its own download retries a failed connection five times with back-off (about 25 s) first."""
     from huggingface_hub import hf_hub_download
 
     where = {"revision": revision} if revision else {}
+    unreachable = hub_unreachable()
     try:
-        return Path(hf_hub_download(repo_id=repo, filename=filename, repo_type="dataset", **where))
+        return Path(hf_hub_download(repo_id=repo, filename=filename, repo_type="dataset",
+                                    local_files_only=unreachable is not None, **where))
     except Exception as error:  # huggingface_hub raises many kinds: offline, 404, gated, auth
+        why = f"{unreachable}, and the file is not in the local hub cache" if unreachable \
+            else f"{type(error).__name__}: {_first_line(error)}"
         raise DataError(
-            f"{spec.name}: could not download {filename!r} from hub data set {repo!r} "
-            f"({type(error).__name__}: {error}); pass a local file with path= or a folder with data_dir= "
-            f"(or ${DATA_DIR_ENV}) holding {spec.name}/<split>.jsonl"
+            f"{spec.name}: could not download {filename!r} from hub data set {repo!r} ({why}); pass a local "
+            f"file with path= or a folder with data_dir= (or ${DATA_DIR_ENV}) holding {spec.name}/<split>.jsonl"
         ) from error
+
+
+def hub_unreachable(timeout: float = 5.0) -> str | None:
+    """Why the Hugging Face hub cannot be used now (offline mode, or one failed connection), or None."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        return "HF_HUB_OFFLINE is set"
+    endpoint = urlsplit(constants.ENDPOINT)
+    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as error:
+        return f"the hub at {constants.ENDPOINT} cannot be reached: {error.strerror or error}"
+    return None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else ""
 
 
 def parse_records(spec: SetSpec, split: str, source: Path, *, limit: int | None = None) -> list[Problem]:

@@ -103,3 +103,58 @@ def test_toy_sets_grade_their_generated_records(tmp_path):
     result = runner.invoke(app, ["grade", name, str(predictions), "--seed", "5"])
     assert result.exit_code == 0, result.output
     assert _summary(result.output) == {"set": name, "n": 2, "correct": 2, "accuracy": 1.0}
+
+
+# ---- data that is not local, offline: the user's own file first, then one quick failure -------------------------
+def _hub_calls(monkeypatch) -> list[dict]:
+    import huggingface_hub
+
+    calls: list[dict] = []
+
+    def download(**kwargs):
+        calls.append(kwargs)
+        raise huggingface_hub.errors.LocalEntryNotFoundError("not in the local cache")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    monkeypatch.delenv("IMM_RAY_DATA_DIR", raising=False)
+    return calls
+
+
+def test_bad_predictions_fail_before_any_data_is_fetched(tmp_path, monkeypatch):
+    calls = _hub_calls(monkeypatch)
+    not_json = _write(tmp_path / "p.jsonl", ["{oops"])
+    _fails_with(tmp_path, ["gsm8k", str(not_json)], f"{not_json}:1: not valid JSON")
+    assert calls == []
+
+
+def test_hub_data_offline_fails_at_once_from_the_cache_only(tmp_path, monkeypatch):
+    import time
+
+    calls = _hub_calls(monkeypatch)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    predictions = _write(tmp_path / "p.jsonl", [{"index": 0, "completion": "The answer is 18"}])
+    started = time.monotonic()
+    _fails_with(tmp_path, ["gsm8k", str(predictions)], "HF_HUB_OFFLINE is set", "not in the local hub cache",
+                "data_dir=")
+    assert time.monotonic() - started < 5
+    assert [call["local_files_only"] for call in calls] == [True]
+
+
+def test_an_unreachable_hub_is_tried_once_not_five_times(tmp_path, monkeypatch):
+    import socket
+
+    from huggingface_hub import constants
+
+    calls = _hub_calls(monkeypatch)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    connections: list[tuple] = []
+
+    def refuse(address, timeout=None):
+        connections.append(address)
+        raise OSError(111, "Connection refused")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    predictions = _write(tmp_path / "p.jsonl", [{"index": 0, "completion": "The answer is 18"}])
+    _fails_with(tmp_path, ["gsm8k", str(predictions)], "cannot be reached: Connection refused")
+    assert len(connections) == 1 and [call["local_files_only"] for call in calls] == [True]
