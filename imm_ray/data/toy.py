@@ -14,7 +14,8 @@ Every family is a chain of comparisons between people ("Ann has 9 more cards tha
 The base model is pretrained mostly on the OOD forms (it is competent there: something to lose) and sees the
 ID form rarely (partial competence: something to gain). Fitting the ID rationales pushes the shared decision
 ("which person, which sign") toward the ID cue, which costs OOD accuracy: the paper's superficial
-self-improvement, as a property of the world (docs/toy_world.md).
+self-improvement, as a property of the world. That is the design; measured, the toy models built so far pick
+each step's sign at chance in every family, so it does not yet operate (docs/toy_world.md, "Round 2").
 
 The problem space is split by a hash of the question text alone (:func:`bucket`), whatever the family or seed:
 bucket 0 is the test split, bucket 1 the train split (the questions self-improvement samples and trains on),
