@@ -30,6 +30,8 @@ import yaml
 from rich.console import Console
 
 from imm_ray.config import ConfigError, ExperimentConfig, save_config, validate
+from imm_ray.console import RunView
+from imm_ray.progress import ProgressFn, Tick
 from tune.space import TrialParams, num_samples, search_algorithm, search_space
 from tune.table3 import OOD_MEAN, Table3Files, TrialOutcome, metrics_from_table, write_table3
 
@@ -84,19 +86,32 @@ class SweepResult:
     accounting: StageAccounting
 
 
-def run_sweep(config: ExperimentConfig, console: Console | None = None, *, fresh: bool = False) -> SweepResult:
-    """Run (or resume) the sweep of ``config.sweep`` and write Table 3; failed trials are reported, not raised."""
-    from actors.cluster import ray_session
+def run_sweep(config: ExperimentConfig, console: Console | RunView | None = None, *, fresh: bool = False,
+              capture_output: bool = False) -> SweepResult:
+    """Run (or resume) the sweep of ``config.sweep`` and write Table 3; failed trials are reported, not raised.
 
-    console = console or Console()
+    The console shows one line per trial started and finished and the trials done so far; the trials' own stage
+    lines, Tune's status tables and Ray's output are in ``<sweep>/logs/`` (``capture_output``: what else this
+    process prints goes to ``logs/driver.log``, unless the view is verbose)."""
+    import contextlib
+
+    from actors.cluster import ray_session
+    from imm_ray.console import DRIVER_LOG, output_to
+
+    view = console if isinstance(console, RunView) else RunView(console or Console())
     paths = SweepPaths.of(config)
-    restore = prepare_folder(config, paths, fresh=fresh, console=console)
+    restore = prepare_folder(config, paths, fresh=fresh, console=view.console)
     started = time.time()
-    with ray_session():
+    logs = paths.root / "logs"
+    view.header(f"imm-ray sweep {config.experiment.name}", logs)
+    capture = output_to(logs / DRIVER_LOG, view.console) if capture_output and not view.verbose \
+        else contextlib.nullcontext()
+    with capture, ray_session(logs, verbose=view.verbose):
         import ray
 
         check_concurrency(config, ray.cluster_resources().get("CPU", 0.0))
-        grid = make_tuner(config, paths, restore=restore).fit()
+        with view.stage("sweep trials") as progress:
+            grid = make_tuner(config, paths, restore=restore, callbacks=[trial_lines(view, progress)]).fit()
     seconds = time.time() - started
     outcomes = tuple(sorted((outcome_of(result, config) for result in grid), key=lambda o: o.params.sort_key))
     accounting = account_stages(paths)
@@ -127,9 +142,10 @@ def prepare_folder(config: ExperimentConfig, paths: SweepPaths, *, fresh: bool, 
     return False
 
 
-def make_tuner(config: ExperimentConfig, paths: SweepPaths, *, restore: bool) -> Any:
+def make_tuner(config: ExperimentConfig, paths: SweepPaths, *, restore: bool, callbacks: Sequence[Any] = ()) -> Any:
     """The ``ray.tune.Tuner``: restored (finished trials kept, unfinished resumed, failed ones restarted) or new,
-    storing its experiment at ``<sweep folder>/tune``; a failed trial never stops the others."""
+    storing its experiment at ``<sweep folder>/tune``; a failed trial never stops the others. ``callbacks``: Tune
+    callbacks for a new experiment (a restored one keeps the run config it was saved with)."""
     from ray import tune
 
     trainable = make_trainable(config, paths)
@@ -145,9 +161,51 @@ def make_tuner(config: ExperimentConfig, paths: SweepPaths, *, restore: bool) ->
         ),
         run_config=tune.RunConfig(
             storage_path=str(paths.root), name=paths.tune.name, verbose=1,
-            failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+            failure_config=tune.FailureConfig(max_failures=0, fail_fast=False), callbacks=list(callbacks),
         ),
     )
+
+
+def trial_lines(view: RunView, progress: ProgressFn) -> Any:
+    """A Tune callback (it runs on the driver): a line per trial started and finished, the trials done so far.
+
+    Tune saves its run config, callbacks included, with the experiment: the saved copy drops the console."""
+    from ray import tune
+
+    class TrialLines(tune.Callback):
+        def __init__(self, view: RunView | None, progress: ProgressFn | None) -> None:
+            self.view, self.progress = view, progress
+            self.total: int | None = None
+            self.finished = 0
+            self.started: dict[str, float] = {}
+
+        def __getstate__(self) -> dict[str, Any]:
+            return {**self.__dict__, "view": None, "progress": None}
+
+        def setup(self, stop=None, num_samples=None, total_num_samples=None, **info: Any) -> None:
+            self.total = total_num_samples
+
+        def on_trial_start(self, iteration, trials, trial, **info: Any) -> None:
+            self.started[trial.trial_id] = time.monotonic()
+            if self.view is not None:
+                self.view.line(f"  > trial {TrialParams.from_config(trial.config).label} started")
+
+        def on_trial_complete(self, iteration, trials, trial, **info: Any) -> None:
+            self._finished(trial, "done", "green")
+
+        def on_trial_error(self, iteration, trials, trial, **info: Any) -> None:
+            self._finished(trial, "failed (Table 3 lists why)", "red")
+
+        def _finished(self, trial, outcome: str, style: str) -> None:
+            self.finished += 1
+            if self.view is None or self.progress is None:
+                return
+            took = time.monotonic() - self.started.get(trial.trial_id, time.monotonic())
+            self.view.line(f"  {'+' if style == 'green' else 'x'} trial "
+                           f"{TrialParams.from_config(trial.config).label}: {outcome} in {took:.0f} s", style=style)
+            self.progress(Tick(self.finished, self.total, "trials"))
+
+    return TrialLines(view, progress)
 
 
 def make_trainable(config: ExperimentConfig, paths: SweepPaths) -> Any:
@@ -179,11 +237,13 @@ def run_trial_loop(raw: dict[str, Any], run_dir: str, stage_cache: str) -> dict[
 
     config = validate(raw, "trial config")
     strategy = config.experiment.strategies[0]
-    console = Console(width=120, force_terminal=False)
-    console.print(f"trial {Path(run_dir).name}: α={config.merge.alpha} p={config.merge.drop_rate} "
-                  f"T={config.experiment.iterations} strategy={strategy}", markup=False)
-    Path(run_dir).mkdir(parents=True, exist_ok=True)  # the loop writes config.yaml there before any stage
-    result = IterationLoop(config, console, run_dir=Path(run_dir), stage_cache=Path(stage_cache)).run()
+    (Path(run_dir) / "logs").mkdir(parents=True, exist_ok=True)  # the loop writes config.yaml there before any stage
+    # the trial's own stage lines, in plain lines, in its run folder (this task's stdout is a Ray worker log)
+    with open(Path(run_dir) / "logs" / "trial.log", "a", buffering=1) as log:
+        console = Console(file=log, width=120, force_terminal=False)
+        console.print(f"trial {Path(run_dir).name}: α={config.merge.alpha} p={config.merge.drop_rate} "
+                      f"T={config.experiment.iterations} strategy={strategy}", markup=False)
+        result = IterationLoop(config, console, run_dir=Path(run_dir), stage_cache=Path(stage_cache)).run()
     last = config.experiment.iterations - 1
     sft_eval = next(e.folder for e in result.evaluations
                     if e.strategy == strategy and e.role == "sft" and e.iteration == last)

@@ -25,16 +25,19 @@ def sweep(
         help="Start a new Tune experiment instead of resuming the one in the sweep folder (it is moved aside); "
              "finished stages in the shared stage cache are still reused.",
     ),
+    verbose: bool = typer.Option(False, "--verbose", help="Also show Tune's, Ray's and the trials' own output "
+                                 "(always kept under the sweep folder's logs/ and trials/)."),
 ) -> None:
     """Run (or resume) the sweep; write table3.md/.csv/.png and trials.csv into <output_dir>/<name>/."""
     from imm_ray.config import load_config, seeds_override
+    from imm_ray.console import RunView
     from imm_ray.report import ALPHA_CONVENTION
     from tune.sweep import run_sweep
 
     console = Console()
     with user_errors():
         cfg = load_config(config, [*overrides, *seeds_override(seeds)])
-        result = run_sweep(cfg, console, fresh=fresh)
+        result = run_sweep(cfg, RunView(console, verbose=verbose), fresh=fresh, capture_output=True)
     console.print(_rich_table(result.table, f"Table 3: pass@{cfg.eval.k[0]} (%)"))
     console.print(ALPHA_CONVENTION, style="dim", markup=False)
     failed = [o for o in result.outcomes if not o.ok]
