@@ -206,7 +206,7 @@ def run_bare(args, work: Path) -> dict[str, Any]:
     held = summary["held_out_loss"]
     check(held["sft"] < held["base"], f"SFT model is no better than the base on held-out pairs: {held}")
     check(held["merged"] < held["base"], f"merged model is no better than the base on held-out pairs: {held}")
-    imported = [name for name in CLUSTER_STACK if name in sys.modules]
+    imported = [name for name in CLUSTER_STACK if sys.modules.get(name) is not None]  # None: an import blocked
     check(not imported, f"the bare path imported {imported}")
     summary["cluster_stack_imported"] = imported
     return summary
