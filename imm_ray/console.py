@@ -130,7 +130,7 @@ class RunView:
             yield None
             return
         bar = Progress(
-            SpinnerColumn(), TextColumn("{task.description}"), BarColumn(bar_width=20), _CountColumn(),
+            SpinnerColumn(), TextColumn("{task.description}"), BarColumn(bar_width=14), _CountColumn(),
             TimeElapsedColumn(), _EtaColumn(), console=self.console,
         )
         task = bar.add_task(escape(what), total=None, unit="")
