@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from imm_ray.config import ExperimentConfig
 from imm_ray.data.records import Problem
+from imm_ray.data.registry import hub_unreachable
 from imm_ray.stages import model_fingerprint
 
 if TYPE_CHECKING:
@@ -40,13 +41,16 @@ def resolve_model(field: str, path: str, trust_remote_code: bool) -> str:
         return str(folder.resolve())  # absolute: Ray workers run in their own working directories
     if folder.exists() or path.startswith((".", "/")) or path.count("/") != 1:
         raise PreflightError(f"{field}: {path} is not a model folder (no such directory)")
+    unreachable = hub_unreachable()  # then only the local hub cache: no five retries of a failed connection
     try:
         from huggingface_hub import snapshot_download
 
-        local = snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"])
+        local = snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"],
+                                  local_files_only=unreachable is not None)
     except Exception as error:  # noqa: BLE001 - any hub failure means the same thing to the user
+        why = f"{unreachable}; not in the local hub cache" if unreachable else type(error).__name__
         raise PreflightError(
-            f"{field}: {path} is neither a local folder nor reachable on the Hugging Face hub ({type(error).__name__})"
+            f"{field}: {path} is neither a local folder nor reachable on the Hugging Face hub ({why})"
         ) from None
     check_model_folder(field, Path(local))
     return local

@@ -26,6 +26,30 @@ def test_unreachable_hub_id_is_a_clear_error(monkeypatch):
         resolve_model("model.path", "no-such-org/no-such-model", False)
 
 
+def test_an_unreachable_hub_is_asked_once_then_only_the_cache(monkeypatch):
+    import socket
+
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    calls: list[dict] = []
+
+    def refuse(address, timeout=None):
+        raise OSError(101, "Network is unreachable")
+
+    def download(repo_id, **kwargs):
+        calls.append(kwargs)
+        raise huggingface_hub.errors.LocalEntryNotFoundError("not cached")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
+    with pytest.raises(PreflightError, match="cannot be reached: Network is unreachable; not in the local hub cache"):
+        resolve_model("model.path", "no-such-org/no-such-model", False)
+    assert [call["local_files_only"] for call in calls] == [True]
+
+
 def test_more_workers_than_cpus_is_refused(ray_cluster):
     with pytest.raises(PreflightError, match=r"resources.sft_workers .* asks for 4 CPUs but the Ray cluster has 2"):
         check_resources(load_config(None, ["resources.sft_workers=4"]))
