@@ -22,6 +22,7 @@ from actors.generation import PoolSpec, SamplingPlan
 from imm_ray.analysis_resources import AnalysisResources
 from imm_ray.config import MergeSection, SFTSection
 from imm_ray.data.records import Problem
+from imm_ray.progress import current as current_progress
 from imm_ray.stages import StageStore, Step
 from imm_ray.strategies import DataPolicy
 
@@ -74,7 +75,7 @@ class Generate(Step):
         from actors.generation import generate_samples
 
         frame = generate_samples(list(self.problems), list(self.prompts), _engine_for(self.engine, self.model, store),
-                                 self.plan, self.pool)
+                                 self.plan, self.pool, current_progress())
         out.mkdir(parents=True)
         frame.to_parquet(out / "samples.parquet", index=False)
         return sample_summary(frame)
@@ -171,7 +172,7 @@ class FineTune(Step):
             cpus_per_worker=self.cpus_per_worker, use_gpu=self.use_gpu, max_failures=self.max_failures,
             **self.sft.model_dump(),
         )
-        return run_sft(job)
+        return run_sft(job, current_progress())
 
 
 # ---------------------------------------------------------------------------------------------------- merge
@@ -255,7 +256,7 @@ class Evaluate(Step):
         samples, metrics = evaluate_model(
             {name: list(problems) for name, problems in self.sets},
             {name: list(prompts) for name, prompts in self.prompts},
-            _engine_for(self.engine, self.model, store), self.plan, self.pool, self.ks,
+            _engine_for(self.engine, self.model, store), self.plan, self.pool, self.ks, current_progress(),
         )
         out.mkdir(parents=True)
         samples.to_parquet(out / "samples.parquet", index=False)
