@@ -27,6 +27,7 @@ import os
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,8 +105,9 @@ def main() -> None:
             return sum(len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in completions)
 
         shares = [(spec.model_dump_json(), prompts[core::cores], plan.__dict__) for core in range(cores)]
-        with multiprocessing.get_context("spawn").Pool(cores) as pool:
-            results = pool.map(_standalone_worker, shares)
+        # an executor's workers may start processes of their own (vLLM's engine core); a Pool's daemons may not
+        with ProcessPoolExecutor(cores, mp_context=multiprocessing.get_context("spawn")) as pool:
+            results = list(pool.map(_standalone_worker, shares))
         alone_s = max(seconds for seconds, _ in results)
         alone_tokens = tokens(c for _, completions in results for c in completions)
 
