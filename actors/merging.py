@@ -137,25 +137,42 @@ def _run(
     batches: list[tuple[planning.WorkUnit, ...]],
     meanwhile: Callable[[], dict[str, str]],
 ) -> dict[str, str]:
-    """Feed batches to the actors as they free up; run ``meanwhile`` on the driver while they work."""
+    """Feed batches to the actors as they free up; run ``meanwhile`` on the driver while they work.
+
+    An actor that dies (its process or its node lost) leaves the pool and its batches go back to the queue for the
+    others: a range's bytes depend only on the plan, so a range it half wrote is overwritten with the same bytes.
+    The merge fails only when no actor is left."""
     queue = deque(batches)
-    pending = {}
+    pending: dict[ray.ObjectRef, tuple[ray.actor.ActorHandle, tuple[planning.WorkUnit, ...]]] = {}
+    alive = list(pool)
+
+    def fill(actor: ray.actor.ActorHandle) -> None:
+        while queue and sum(1 for a, _ in pending.values() if a == actor) < IN_FLIGHT_PER_WORKER:
+            batch = queue.popleft()
+            pending[actor.run.remote(batch)] = (actor, batch)
+
     for actor in pool:
-        for _ in range(IN_FLIGHT_PER_WORKER):
-            if queue:
-                pending[actor.run.remote(queue.popleft())] = actor
+        fill(actor)
     result = meanwhile()
     while pending:
         [done], _ = ray.wait(list(pending), num_returns=1)
-        actor = pending.pop(done)
+        actor, batch = pending.pop(done)
         try:
             ray.get(done)
+        except ray.exceptions.RayActorError:
+            if actor in alive:
+                alive.remove(actor)
+            if not alive:
+                raise
+            queue.appendleft(batch)
+            for survivor in alive:
+                fill(survivor)
+            continue
         except ray.exceptions.RayTaskError as error:
             if isinstance(error.cause, MergeError):  # a user error found by a worker: its message, no Ray trace
                 raise error.cause from None
             raise
-        if queue:
-            pending[actor.run.remote(queue.popleft())] = actor
+        fill(actor)
     return result
 
 
