@@ -27,6 +27,30 @@ those of one call per group, tested.)
 Every prompt gets its own seed (:func:`prompt_seed`), so a prompt's samples depend on the request's seed and the
 prompt's position in the batch, not on what else the batch holds or how vLLM schedules it. vLLM derives the seeds of
 a prompt's ``n`` samples as ``seed + i`` itself; the hashed per-prompt seeds keep those ranges apart.
+
+Tensor parallel (the 7B configs: ``tensor_parallel_size: 2``) in Ray Data, the way Ray itself does it. Two ways
+were weighed, from Ray 2.60's code:
+
+- Ray's ``ray.data.llm`` vLLM processor (``ray/llm/_internal/batch/stages/vllm_engine_stage.py``). It keeps only the
+  first of a request's ``n`` outputs per row (ray-project/ray#53396), so every sample would have to be a row of its
+  own: vLLM could no longer share a prompt's prefill across its ``n`` samples, the per-prompt seeds above
+  (``seed + i`` per sample) would have to be rebuilt row by row, and the stage would run Ray's own tokenize and
+  detokenize stages beside the project's one tokenising helper. Not taken.
+- What that processor does for TP, kept, inside the project's own actor (taken; ``actors.generation``'s
+  ``actor_remote_args``): the generation actor asks Ray Data for no GPU and is started (``ray_remote_args_fn``) in
+  a placement group of its own with one ``{"GPU": 1, "CPU": c}`` bundle per TP rank, STRICT_PACK (one node: TP's
+  all-reduces need NVLink; the processor uses PACK, which also serves pipeline parallel across nodes), with
+  ``placement_group_capture_child_tasks``. vLLM's Ray executor finds the current placement group and puts its TP
+  workers in its GPU bundles. vLLM chooses that executor itself when Ray is initialised and a placement group is
+  current; ``ray.data.llm`` sets ``distributed_executor_backend="ray"`` explicitly for TP > 1, and
+  :func:`llm_kwargs` should too (not done yet: untested without two GPUs). ``ray_remote_args_fn`` is deprecated in
+  Ray 2.60 (removal announced for 2.64); without it the actor would ask for no GPU and let vLLM's executor create
+  the group itself, at the price of the engine's own process not sitting on the node of its GPUs.
+
+A lost node (a spot GPU node) costs its actor's request groups only: Ray Data restarts the actor (its defaults for
+actor pools, ``max_restarts=-1`` and ``max_task_retries=-1``) and the groups are redone with their own seeds, so
+the samples are those of an undisturbed run (tests/integration/test_cluster_node_loss.py, transformers engine on
+CPU). Seen on CPU only: no GPU, and no two GPUs for TP, were available where this was written.
 """
 
 from __future__ import annotations
