@@ -4,6 +4,8 @@ Questions are grouped into fixed request groups (``questions_per_batch`` questio
 driver, and each group carries its own seed, so the samples do not depend on how many actors run, which one takes
 which group or how many groups an actor takes per call: one seed fixes every sample. The transformers engine takes
 one group per call; a vLLM actor takes its whole share of the stage in one call (:func:`groups_per_call`).
+Where the work runs (:func:`uses_actors`): vLLM and GPU engines in a Ray Data actor pool that lives for the stage;
+the CPU transformers engine in Ray Data tasks, whose worker processes Ray keeps from one stage to the next.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import numpy as np
 import pandas as pd
 import ray
 
-from actors.engines import EngineSpec, SamplingRequest, make_engine
+from actors.engines import EngineSpec, GenerationEngine, SamplingRequest, make_engine
 from imm_ray.data.prompts import STOP_STRINGS
 from imm_ray.data.records import Problem
 from imm_ray.grading import grade
@@ -114,13 +116,39 @@ class GenerationActor:
         self.engine = make_engine(EngineSpec.model_validate(spec))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        payloads = [json.loads(text) for text in batch["group"]]
-        requests = [SamplingRequest.model_validate(p["request"]) for p in payloads]
-        completions = self.engine.generate_groups([(p["prompts"], r) for p, r in zip(payloads, requests)])
-        rows: list[dict[str, Any]] = []
-        for payload, request, group in zip(payloads, requests, completions):
-            rows.extend(_graded_rows(payload, request, group))
-        return {column: [row[column] for row in rows] for column in SAMPLE_COLUMNS}
+        return sample_batch(self.engine, batch)
+
+
+_engines: dict[str, GenerationEngine] = {}  # a task worker process's last engine (see uses_actors)
+
+
+def generate_batch(batch: dict[str, np.ndarray], spec: dict[str, Any]) -> dict[str, list]:
+    """The Ray Data task of the CPU path: the engine of ``spec``, built once per worker process and kept for the
+    next stage that asks for the same one; a new spec replaces it, so an idle process holds one model at most."""
+    key = json.dumps(spec, sort_keys=True)
+    if key not in _engines:
+        _engines.clear()
+        _engines[key] = make_engine(EngineSpec.model_validate(spec))
+    return sample_batch(_engines[key], batch)
+
+
+def sample_batch(engine: GenerationEngine, batch: dict[str, np.ndarray]) -> dict[str, list]:
+    """Sample and grade the request groups of one Ray Data batch."""
+    payloads = [json.loads(text) for text in batch["group"]]
+    requests = [SamplingRequest.model_validate(p["request"]) for p in payloads]
+    completions = engine.generate_groups([(p["prompts"], r) for p, r in zip(payloads, requests)])
+    rows: list[dict[str, Any]] = []
+    for payload, request, group in zip(payloads, requests, completions):
+        rows.extend(_graded_rows(payload, request, group))
+    return {column: [row[column] for row in rows] for column in SAMPLE_COLUMNS}
+
+
+def uses_actors(engine: EngineSpec, pool: PoolSpec) -> bool:
+    """Actors where the engine holds a device or processes of its own (vLLM, GPUs): it lives for the stage and
+    frees them at its end. The CPU transformers engine runs in Ray Data tasks instead: Ray keeps task worker
+    processes between stages, so torch and transformers are imported once per process rather than once per stage
+    and actor (5.7 s of a toy stage's 8.7 s, docs/benchmarks.md), and a process keeps its last engine."""
+    return engine.kind == "vllm" or pool.gpus_per_actor > 0
 
 
 def _graded_rows(payload: dict[str, Any], request: SamplingRequest, completions: list[list[str]]) -> list[dict]:
@@ -160,19 +188,22 @@ def generate_samples(
     if not problems:
         raise ValueError("no questions to generate for")
     groups = build_request_groups(problems, prompts, plan)
-    size = (pool.min_actors, pool.max_actors) if pool.min_actors != pool.max_actors else pool.min_actors
-    compute = (
-        ray.data.ActorPoolStrategy(min_size=size[0], max_size=size[1])
-        if isinstance(size, tuple)
-        else ray.data.ActorPoolStrategy(size=min(size, len(groups)))
-    )
-    dataset = ray.data.from_items(groups, override_num_blocks=len(groups)).map_batches(
-        GenerationActor,
-        fn_constructor_kwargs={"spec": engine.model_dump(mode="json")},
-        batch_size=groups_per_call(engine, len(groups), pool.max_actors),
-        compute=compute,
-        **actor_remote_args(pool, engine.tensor_parallel_size),
-    )
+    source = ray.data.from_items(groups, override_num_blocks=len(groups))
+    per_call = groups_per_call(engine, len(groups), pool.max_actors)
+    spec = engine.model_dump(mode="json")
+    if uses_actors(engine, pool):
+        size = (pool.min_actors, pool.max_actors) if pool.min_actors != pool.max_actors else pool.min_actors
+        compute = (
+            ray.data.ActorPoolStrategy(min_size=size[0], max_size=size[1])
+            if isinstance(size, tuple)
+            else ray.data.ActorPoolStrategy(size=min(size, len(groups)))
+        )
+        dataset = source.map_batches(GenerationActor, fn_constructor_kwargs={"spec": spec}, batch_size=per_call,
+                                     compute=compute, **actor_remote_args(pool, engine.tensor_parallel_size))
+    else:
+        dataset = source.map_batches(generate_batch, fn_kwargs={"spec": spec}, batch_size=per_call,
+                                     compute=ray.data.TaskPoolStrategy(size=min(pool.max_actors, len(groups))),
+                                     **actor_remote_args(pool))
     rows, total = [], len(problems) * plan.samples_per_question
     if progress is not None:
         progress(Tick(0, total, "samples"))

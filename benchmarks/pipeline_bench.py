@@ -7,7 +7,9 @@ questions, prompts and sampling plan (k samples per question over the plan's tem
   round-robin share of the prompts, all of them in one ``generate`` call per (temperature, n): the engine's best
   case, start-up excluded;
 - pipeline: ``actors.generation.generate_samples`` on a Ray that is already up (as in the loop), one actor per
-  core; its wall time includes what the loop pays per stage: actor start, engine build and Ray Data's scheduling.
+  core; its wall time includes what the loop pays per stage: worker start, engine build and Ray Data's scheduling.
+  Twice: the first stage on a fresh Ray, then a later stage (another copy of the model) on the same Ray, as the
+  loop's later stages run (the CPU path's task workers are kept from one stage to the next).
 
 Tokens are counted the same way on both sides, by encoding each completion with the model's tokenizer (the
 completion text is what both return). The ratio of tokens/s is printed, with the pipeline's fixed cost
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -112,20 +115,31 @@ def main() -> None:
         alone_tokens = tokens(c for _, completions in results for c in completions)
 
         ray.init(num_cpus=cores, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        pool = PoolSpec(min_actors=cores, max_actors=cores)
         started = time.perf_counter()
-        frame = generate_samples(problems, prompts, spec, plan, PoolSpec(min_actors=cores, max_actors=cores))
+        frame = generate_samples(problems, prompts, spec, plan, pool)
         pipeline_s = time.perf_counter() - started
+        # a later stage of a run: another model (a copy, so the engine is built again) on the Ray already used
+        later_model = shutil.copytree(model_path, Path(tmp) / "later_model")
+        later_spec = spec.model_copy(update={"model_path": str(later_model)})
+        started = time.perf_counter()
+        later = generate_samples(problems, prompts, later_spec, plan, pool)
+        later_s = time.perf_counter() - started
         ray.shutdown()
-        pipeline_tokens = tokens(frame["completion"])
+        pipeline_tokens, later_tokens = tokens(frame["completion"]), tokens(later["completion"])
     after = load()
     alone_rate, pipeline_rate = alone_tokens / alone_s, pipeline_tokens / pipeline_s
     print(f"{args.model}, {args.engine} ({spec.dtype}, {spec.attention}), {len(prompts)} questions x {args.samples} "
           f"samples, <= {args.max_new_tokens} new tokens, {cores} cores; load {before} before, {after} after")
     print("| run | seconds | tokens | tokens/s |\n|---|---:|---:|---:|")
     print(f"| standalone, {cores} warm processes | {alone_s:.1f} | {alone_tokens} | {alone_rate:,.0f} |")
-    print(f"| pipeline (Ray Data, {cores} actors, start-up included) | {pipeline_s:.1f} | {pipeline_tokens} | "
+    print(f"| pipeline, first stage (Ray Data, {cores} workers, start-up included) | {pipeline_s:.1f} | {pipeline_tokens} | "
           f"{pipeline_rate:,.0f} |")
-    print(f"pipeline / standalone tokens/s = {pipeline_rate / alone_rate:.2f}x; fixed cost {pipeline_s - alone_s:.1f} s")
+    later_rate = later_tokens / later_s
+    print(f"| pipeline, a later stage (another model, Ray's workers from the first) | {later_s:.1f} | {later_tokens} | "
+          f"{later_rate:,.0f} |")
+    print(f"pipeline / standalone tokens/s: first stage {pipeline_rate / alone_rate:.2f}x (fixed cost "
+          f"{pipeline_s - alone_s:.1f} s), later stage {later_rate / alone_rate:.2f}x (fixed cost {later_s - alone_s:.1f} s)")
 
 
 if __name__ == "__main__":

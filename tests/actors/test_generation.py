@@ -44,3 +44,12 @@ def test_vllm_actors_take_their_whole_share_of_a_stage_per_call():
     assert groups_per_call(transformers, 30, 2) == 1
     assert groups_per_call(vllm, 30, 2) == 15 and groups_per_call(vllm, 31, 2) == 16
     assert groups_per_call(vllm, 3, 8) == 1
+
+
+def test_cpu_engines_run_in_tasks_and_device_engines_in_stage_actors():
+    from actors.generation import uses_actors
+
+    cpu = EngineSpec(kind="transformers", model_path="m", dtype="float32", attention="sdpa")
+    assert not uses_actors(cpu, PoolSpec())
+    assert uses_actors(cpu, PoolSpec(gpus_per_actor=1))
+    assert uses_actors(EngineSpec(kind="vllm", model_path="m", dtype="float32"), PoolSpec())
