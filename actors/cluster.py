@@ -27,8 +27,12 @@ def ray_session(logs: Path | None = None, *, verbose: bool = False) -> Iterator[
         yield
         return
     quiet = logs is not None and not verbose
-    context = ray.init(address=os.environ.get("RAY_ADDRESS"), runtime_env={"env_vars": WORKER_ENV},
-                       logging_level="WARNING", log_to_driver=not quiet)
+    address = os.environ.get("RAY_ADDRESS")
+    # a local cluster started for one run needs no dashboard (ray[default] would start one: seconds and memory);
+    # a cluster that was started for jobs (ray start, ray up) keeps its own
+    local = {} if address else {"include_dashboard": False}
+    context = ray.init(address=address, runtime_env={"env_vars": WORKER_ENV}, logging_level="WARNING",
+                       log_to_driver=not quiet, **local)
     if logs is not None:
         link_session_logs(Path(context.address_info.get("session_dir", "")), logs)
     if quiet:

@@ -94,6 +94,10 @@ def llm_kwargs(spec: EngineSpec, on_cpu: bool, kv_cache_bytes: int) -> dict[str,
         "dtype": spec.dtype,
         "disable_log_stats": True,
     }
+    if spec.tensor_parallel_size > 1:
+        # the TP ranks as Ray actors in the placement group the generation actor was started in
+        # (actors.generation.actor_remote_args), as ray.data.llm runs them
+        kwargs["distributed_executor_backend"] = "ray"
     if on_cpu:
         kwargs["kv_cache_memory_bytes"] = kv_cache_bytes
         kwargs["enable_chunked_prefill"] = False

@@ -77,6 +77,9 @@ def test_gpu_kwargs_leave_the_kv_cache_to_memory_utilization() -> None:
     kwargs = llm_kwargs(spec, on_cpu=False, kv_cache_bytes=CPU_KV_CACHE_BYTES)
     assert "kv_cache_memory_bytes" not in kwargs and "enable_chunked_prefill" not in kwargs
     assert (kwargs["dtype"], kwargs["gpu_memory_utilization"]) == ("bfloat16", 0.5)
+    assert "distributed_executor_backend" not in kwargs
+    parallel = llm_kwargs(spec.model_copy(update={"tensor_parallel_size": 2}), on_cpu=False, kv_cache_bytes=0)
+    assert parallel["distributed_executor_backend"] == "ray"  # its ranks go in the actor's placement group
 
 
 def test_sample_seeds_never_collide_across_prompts_and_requests() -> None:

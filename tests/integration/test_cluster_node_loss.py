@@ -125,8 +125,9 @@ def _generate(cluster: LocalCluster, spec: dict, name: str) -> subprocess.Popen:
     return cluster.driver("generate", str(path), str(cluster.root / f"{name}.parquet"))
 
 
-@pytest.mark.xfail(strict=False, reason="unfinished: in 4 of 5 runs no engine actor was seen alive on the worker "
-                   "node before the stage ended, so no kill landed (passed once, 14:58, 2026-12-02: samples equal)")
+@pytest.mark.xfail(strict=False, reason="unfinished: written for engine actors (passed once, 14:58, 2026-12-02: "
+                   "samples equal); since 22f81c5 the CPU transformers engine runs in Ray Data tasks, so no "
+                   "MapWorker actor appears and the kill must be keyed to a task running on the worker node")
 def test_generation_redoes_a_lost_actors_groups_with_the_same_samples(cluster, tiny_model):
     """Each node has room for one engine actor (2 CPUs each), so one actor runs on the worker node. It is killed
     while sampling, and a new worker node joins (as an autoscaler replaces a lost node): Ray Data restarts the actor
