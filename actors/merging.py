@@ -22,7 +22,7 @@ import json
 import os
 import sys
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Literal
@@ -33,6 +33,7 @@ from imm_ray.merge import plan as planning
 from imm_ray.merge.errors import MergeError
 from imm_ray.merge.options import MergeOptions
 from imm_ray.merge.record import MergeRecord
+from imm_ray.progress import ProgressFn, Tick
 from imm_ray.merge.tensors import (
     INDEX_NAME,
     OUTPUT_DTYPES,
@@ -76,13 +77,13 @@ def choose_backend(requested: Backend = "auto") -> Literal["ray", "local"]:
     return "ray" if ray.is_initialized() or os.environ.get("RAY_ADDRESS") else "local"
 
 
-def merge_models(options: MergeOptions, backend: Backend = "auto") -> MergeRecord:
+def merge_models(options: MergeOptions, backend: Backend = "auto", progress: ProgressFn | None = None) -> MergeRecord:
     """Merge as ``options`` say and return the record; the finished HF model folder is at ``options.out``.
 
     ``backend`` (see the module docstring): "ray" reuses a running Ray (``ray.is_initialized()``), else starts
     one (``RAY_ADDRESS`` if set, else a local one); "local" runs the batches here or in local processes; "auto"
     takes Ray only where it is running or addressed. Raises :class:`MergeError` for bad inputs, before any output
-    exists.
+    exists. ``progress`` (optional) is told the tensors finished so far.
     """
     started = time.perf_counter()
     check_output(options.out, options.overwrite)
@@ -94,16 +95,17 @@ def merge_models(options: MergeOptions, backend: Backend = "auto") -> MergeRecor
         plan = planning.plan_merge(options, inputs, folder)
         batches = planning.work_batches(plan)
         fingerprints_of = lambda: planning.input_fingerprints(inputs)  # noqa: E731
+        count = TensorCount(batches, progress)
         if where == "local":
             workers = max(1, min(options.workers or _local_cpus(), len(batches)))
             create_shards(plan.shards, folder)
-            fingerprints = _run_local(plan, batches, workers, fingerprints_of)
+            fingerprints = _run_local(plan, batches, workers, fingerprints_of, count)
         else:
             workers, cpus = _pool_size(options.workers, len(batches))
             pool = [MergeWorker.options(num_cpus=cpus).remote(plan) for _ in range(workers)]
             try:
                 create_shards(plan.shards, folder)
-                fingerprints = _run(pool, batches, fingerprints_of)
+                fingerprints = _run(pool, batches, fingerprints_of, count)
             finally:
                 for actor in pool:
                     ray.kill(actor)
@@ -112,6 +114,24 @@ def merge_models(options: MergeOptions, backend: Backend = "auto") -> MergeRecor
         record = planning.merge_record(options, inputs, plan, workers, fingerprints, time.perf_counter() - started)
         record.write(folder)
     return record
+
+
+class TensorCount:
+    """Tells ``progress`` how many tensors are finished: a tensor is done when every range of it is written (a
+    batch that a lost actor leaves unfinished counts once, when it is redone)."""
+
+    def __init__(self, batches: list[tuple[planning.WorkUnit, ...]], progress: ProgressFn | None) -> None:
+        self.left = Counter(unit.name for batch in batches for unit in batch)
+        self.total, self.done, self.progress = len(self.left), 0, progress
+        if progress is not None:
+            progress(Tick(0, self.total, "tensors"))
+
+    def finished(self, batch: tuple[planning.WorkUnit, ...]) -> None:
+        for unit in batch:
+            self.left[unit.name] -= 1
+            self.done += self.left[unit.name] == 0
+        if self.progress is not None:
+            self.progress(Tick(self.done, self.total, "tensors"))
 
 
 def _ensure_ray() -> None:
@@ -136,6 +156,7 @@ def _run(
     pool: list[ray.actor.ActorHandle],
     batches: list[tuple[planning.WorkUnit, ...]],
     meanwhile: Callable[[], dict[str, str]],
+    count: TensorCount,
 ) -> dict[str, str]:
     """Feed batches to the actors as they free up; run ``meanwhile`` on the driver while they work.
 
@@ -172,6 +193,7 @@ def _run(
             if isinstance(error.cause, MergeError):  # a user error found by a worker: its message, no Ray trace
                 raise error.cause from None
             raise
+        count.finished(batch)
         fill(actor)
     return result
 
@@ -210,6 +232,7 @@ def _run_local(
     batches: list[tuple[planning.WorkUnit, ...]],
     workers: int,
     meanwhile: Callable[[], dict[str, str]],
+    count: TensorCount,
 ) -> dict[str, str]:
     """Run every batch with ``workers`` processes (one: in this process, after ``meanwhile``).
 
@@ -227,6 +250,7 @@ def _run_local(
         try:
             for batch in batches:
                 engine.run_batch(plan, batch)
+                count.finished(batch)
         finally:
             torch.set_num_threads(threads)
         return result
@@ -235,13 +259,14 @@ def _run_local(
     method = "spawn" if "torch" in sys.modules or sys.platform != "linux" else "fork"
     context = multiprocessing.get_context(method)
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_local_init, initargs=(plan,)) as pool:
-        pending = {pool.submit(_local_batch, batch) for batch in batches}
+        pending = {pool.submit(_local_batch, batch): batch for batch in batches}
         result = meanwhile()
         try:
             while pending:
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for future in done:
                     future.result()  # a worker's MergeError arrives here as itself
+                    count.finished(pending.pop(future))
         except BaseException:
             for future in pending:
                 future.cancel()

@@ -228,7 +228,7 @@ class Merge(Step):
             drop_rate=self.merge.drop_rate, seed=self.seed, iteration=self.iteration, exclude=self.merge.exclude,
             dtype=self.merge.dtype, importance=str(importance / "importance.csv") if importance else None,
             workers=self.workers,
-        ))
+        ), progress=current_progress())
         return {"record": record.model_dump(mode="json")}
 
 

@@ -317,3 +317,14 @@ def test_an_error_in_a_local_worker_leaves_no_trace(zoo: Zoo, tmp_path: Path) ->
         merge_models(_options(zoo, out, finetuned=(bad,), workers=2, **changes), backend="local")
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name not in ("bad",)]
+
+
+@pytest.mark.parametrize("backend, workers", [("local", 1), ("local", 2), ("ray", 2)])
+def test_progress_counts_every_tensor_once(zoo: Zoo, tmp_path: Path, ray_cluster, backend: str,
+                                           workers: int) -> None:
+    ticks = []
+    options = _options(zoo, tmp_path / "out", finetuned=(zoo.sharded_ft,), workers=workers, chunk_elements=64)
+    merge_models(options, backend=backend, progress=ticks.append)
+    stored = len(load_model(options.out))
+    assert ticks[0].done == 0 and ticks[-1].done == ticks[-1].total == stored
+    assert [t.done for t in ticks] == sorted(t.done for t in ticks) and {t.unit for t in ticks} == {"tensors"}
