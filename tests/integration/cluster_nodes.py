@@ -153,6 +153,12 @@ class LocalCluster:
         return [a for a in self._list("actors", "state=ALIVE", "--detail")
                 if class_part in (a.get("class_name") or "") and a.get("node_id") == node_id]
 
+    def tasks_on(self, node: Node, name_part: str) -> list[dict]:
+        """RUNNING tasks on ``node`` whose name contains ``name_part`` (Ray's state API, through `ray list`)."""
+        node_id = self._list("nodes", f"node_name={node.name}")[0]["node_id"]
+        return [t for t in self._list("tasks", "state=RUNNING", "--detail")
+                if name_part in (t.get("name") or "") and t.get("node_id") == node_id]
+
     def _list(self, kind: str, where: str, *flags: str) -> list[dict]:
         out = subprocess.run([str(BIN / "ray"), "list", kind, f"--address={self.gcs_address}", "--filter", where,
                               "--format=json", *flags], env=self.env, capture_output=True, text=True, timeout=60,
