@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from gpu_smoke import arithmetic_pairs, build_model, check, held_out_loss
+from smoke_common import arithmetic_pairs, build_model, check, held_out_loss
 
 CLUSTER_STACK = ("ray", "vllm", "deepspeed")
 
