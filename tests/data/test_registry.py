@@ -155,11 +155,12 @@ def test_hub_download_uses_spec_and_reports_failure(monkeypatch, tmp_path):
     target = tmp_path / "svamp.jsonl"
     target.write_text((DATA_DIR / "svamp" / "test.jsonl").read_text())
 
-    def fake_download(repo_id, filename, repo_type):
+    def fake_download(repo_id, filename, repo_type, local_files_only=False):
         calls.append((repo_id, filename, repo_type))
         return str(target)
 
     monkeypatch.delenv("IMM_RAY_DATA_DIR", raising=False)
+    monkeypatch.setattr(registry, "hub_unreachable", lambda: None)  # as if the hub answered (the tests run offline)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
     assert load_set("svamp")[0].answer == "145"
     assert load_set("svamp", path="hf://someone/svamp-copy/test.jsonl")[0].answer == "145"
@@ -168,7 +169,7 @@ def test_hub_download_uses_spec_and_reports_failure(monkeypatch, tmp_path):
         ("someone/svamp-copy", "test.jsonl", "dataset"),
     ]
 
-    def offline(repo_id, filename, repo_type):
+    def offline(repo_id, filename, repo_type, local_files_only=False):
         raise OSError("network unreachable")
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
@@ -204,11 +205,12 @@ def hub(monkeypatch):
     calls = []
     by_file = {(registry.get_spec(n).hub_repo, registry.get_spec(n).hub_files["test"]): n for n in PAPER_SETS}
 
-    def fake_download(repo_id, filename, repo_type, revision=None):
+    def fake_download(repo_id, filename, repo_type, revision=None, local_files_only=False):
         calls.append((repo_id, filename, repo_type, revision))
         return str(HUB_FIXTURES / f"{by_file[(repo_id, filename)]}.parquet")
 
     monkeypatch.delenv("IMM_RAY_DATA_DIR", raising=False)
+    monkeypatch.setattr(registry, "hub_unreachable", lambda: None)  # as if the hub answered (the tests run offline)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
     return calls
 
