@@ -101,13 +101,15 @@ def test_worker_group_grows_when_a_node_joins_and_trains_the_fixed_size_model(cl
     # sums (1 rank's micro-batches vs 2 ranks' all-reduce), drifting a little over 55 Adam steps.
     tail = log["step_losses"]  # the steps the last attempt ran, at the end of the run
     reference = fixed["step_losses"][-len(tail):]
-    drift = max(abs(a - b) / b for a, b in zip(tail, reference))
+    # measured against the run's starting loss: late in a run that memorises its pairs the loss is near 0, and a
+    # relative difference of two tiny losses says nothing (CI once saw 7.7% relative on such a step)
+    drift = max(abs(a - b) for a, b in zip(tail, reference)) / fixed["step_losses"][0]
     a = load_file(Path(fixed_job.output_dir) / "model.safetensors")
     b = load_file(Path(job.output_dir) / "model.safetensors")
     base = load_file(model / "model.safetensors")
     moved = {name: float((a[name] - base[name]).norm()) for name in a}
     apart = max(float((a[name] - b[name]).norm()) / max(moved[name], 1e-12) for name in a)
-    print(f"elastic vs fixed 1-worker run: step losses within {drift:.2%}, weights' change within {apart:.2%} "
+    print(f"elastic vs fixed 1-worker run: step losses within {drift:.2%} of the first loss, weights' change within {apart:.2%} "
           f"(largest |elastic - fixed| / |fixed - base| over tensors); last loss {tail[-1]:.4f} vs {reference[-1]:.4f}")
     assert drift < 0.02 and apart < 0.05
     assert tail[-1] < 0.5 * fixed["step_losses"][0]  # it trained
