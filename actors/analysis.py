@@ -27,13 +27,10 @@ def _threads(resources: AnalysisResources) -> None:
 
 def _analyze(base: str, model: str, pairs: Sequence[tuple[str, str]],
              resources: AnalysisResources) -> tuple[pd.DataFrame, pd.DataFrame]:
-    from imm_ray.analysis import layer_importance, weight_change
+    from imm_ray.analysis import weight_change
 
     _threads(resources)
-    change = weight_change(base, model)
-    importance = layer_importance(model, list(pairs), batch_size=resources.batch_size, device=resources.device,
-                                  progress=False)
-    return change, importance
+    return weight_change(base, model), _importance(model, pairs, resources)
 
 
 def _importance(model: str, pairs: Sequence[tuple[str, str]], resources: AnalysisResources) -> pd.DataFrame:

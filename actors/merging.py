@@ -129,7 +129,8 @@ class TensorCount:
     def finished(self, batch: tuple[planning.WorkUnit, ...]) -> None:
         for unit in batch:
             self.left[unit.name] -= 1
-            self.done += self.left[unit.name] == 0
+            if self.left[unit.name] == 0:
+                self.done += 1
         if self.progress is not None:
             self.progress(Tick(self.done, self.total, "tensors"))
 
