@@ -105,9 +105,9 @@ class GenerationSection(_Section):
 
     engine: Literal["auto", "transformers", "vllm"] = "auto"
     num_shots: int = Field(0, ge=0, le=20)
-    # auto: bfloat16 where the device has it natively (a bf16 CPU, a GPU), else float32; eager attention on CPU
-    # (faster for short prompts; give sdpa for long few-shot prompts), sdpa on GPUs. Resolved into the engine
-    # spec before anything runs, so the stage fingerprints hold the concrete values.
+    # auto: bfloat16 where the device has it natively (a bf16 CPU, a GPU), else float32; sdpa attention
+    # (actors.engines.base.resolve_attention says why). Resolved into the engine spec before anything runs, so
+    # the stage fingerprints hold the concrete values.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     attention: Literal["auto", "sdpa", "eager"] = "auto"
     samples_per_question: int = Field(4, ge=1, le=256)

@@ -44,15 +44,12 @@ def resolve_dtype(requested: str, kind: str) -> Dtype:
 
 
 def resolve_attention(requested: str) -> Literal["sdpa", "eager"]:
-    """auto: eager attention on CPU (torch's CPU SDPA kernel takes ~7 ms per decoding step of 256 short sequences
-    where eager's two matmuls take ~3; 1.4x the toy's tokens/s, 1.1x a 0.5B model's), sdpa on GPUs. Eager
-    materialises the prefill's attention weights (batch x heads x length² values): for long few-shot prompts on
-    CPU give "sdpa" explicitly."""
-    if requested != "auto":
-        return requested  # type: ignore[return-value]
-    import torch
-
-    return "sdpa" if torch.cuda.is_available() else "eager"
+    """auto: sdpa, on CPU as on GPUs. Measured side by side in one process (bf16, preallocated cache, one
+    thread; docs/benchmarks.md "Generation engine settings", 2026-12-02): sdpa took 0.70x eager's time on the toy
+    (128 prompts x 2 samples, three alternating passes) and 0.94x on the 0.5B-shaped model (four passes), and
+    eager materialises the prefill's attention weights (batch x heads x length² values). "eager" stays
+    selectable."""
+    return "sdpa" if requested == "auto" else requested  # type: ignore[return-value]
 
 
 class EngineSpec(BaseModel):
@@ -72,7 +69,7 @@ class EngineSpec(BaseModel):
     dtype: Dtype = "float32"  # weights and activations; absent or "auto": resolved on build (the validator below)
     # transformers only: the attention kernel ("auto" resolved on build: eager on CPU, sdpa on GPUs) and the KV cache
     attention: Literal["sdpa", "eager"] = "sdpa"
-    kv_cache: Literal["dynamic", "preallocated", "static"] = "dynamic"
+    kv_cache: Literal["dynamic", "preallocated", "static"] = "preallocated"  # 0.85x dynamic's time on the toy (docs/benchmarks.md)
     tensor_parallel_size: int = Field(1, ge=1)
     gpu_memory_utilization: float = 0.85
     max_model_len: int | None = None
