@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+# DeepSpeed JIT-compiles its shared-memory all-reduce op (deepspeed.comm's ShareMemCommBuilder) on first use: 33-50 s
+# on 2 cores. torch keeps such builds in one folder per machine and rebuilds whenever another environment's sources
+# load it, so every environment gets a folder of its own, which `make setup` fills ahead of the first run.
+EXTENSIONS_DIR = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(sys.prefix, "torch_extensions")
 # Quiet the per-actor start-up chatter of transformers and tokenizers.
-WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+              "TORCH_EXTENSIONS_DIR": EXTENSIONS_DIR}
 SESSION_LINK = "ray_session"  # logs/<this> -> the Ray session's log folder (raylet, workers' stdout/stderr)
 
 

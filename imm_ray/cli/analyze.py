@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from imm_ray.cli.app import analyze_app
+from imm_ray.cli.errors import fail
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -33,13 +34,7 @@ def _or_exit(action: Callable[[], T], extra: tuple[type[Exception], ...] = ()) -
     try:
         return action()
     except (AnalysisError, FileNotFoundError, *extra) as error:
-        _fail(str(error))
-
-
-def _fail(message: str) -> NoReturn:
-    """One line on stderr, exit code 2: how every user error ends."""
-    Console(stderr=True, highlight=False, soft_wrap=True).print(f"error: {message}", markup=False)
-    raise typer.Exit(code=2)
+        fail(str(error))
 
 
 def _load_pairs(data: str, split: str, data_dir: Path | None, limit: int | None) -> list[tuple[str, str]]:
@@ -52,7 +47,7 @@ def _load_pairs(data: str, split: str, data_dir: Path | None, limit: int | None)
     pairs = [(build_prompt(p.question), reference_response(p)) for p in problems]
     missing = [p.id for p, (_, response) in zip(problems, pairs) if response is None]
     if missing:
-        _fail(
+        fail(
             f"set {data!r} ({split}): {len(missing)} of {len(pairs)} problems have no reference solution "
             f"(first: {missing[0]}); layer importance needs one for every problem"
         )

@@ -9,15 +9,11 @@ import typer
 from rich.console import Console
 
 from imm_ray.cli.app import toy_app
+from imm_ray.cli.errors import fail
 from imm_ray.data.toy import TOY_SETS, ToyMixture, load_toy
 from imm_ray.toy import TOY_MODEL_DIR
 
 _console = Console()
-
-
-def _fail(message: str) -> typer.Exit:
-    _console.print(f"[red]error:[/red] {message}")
-    return typer.Exit(code=2)
 
 
 @toy_app.command("build")
@@ -53,7 +49,7 @@ def build(
         )
         record = build_toy(spec, out, overwrite=overwrite)
     except (ValueError, FileExistsError) as error:
-        raise _fail(str(error)) from error
+        fail(str(error))
     _console.print(f"wrote {out} ({record.parameters:,} parameters, {record.tokens_seen:,} tokens, "
                    f"{record.wall_seconds:.0f} s, stopped by {record.stopped_by}); record: {out / RECORD_NAME}")
     if record.parent is not None:
@@ -78,7 +74,7 @@ def show(
         try:
             problems = load_toy(name, split, n, seed)
         except ValueError as error:
-            raise _fail(str(error)) from error
+            fail(str(error))
         _console.rule(name)
         for problem in problems:
             _console.print(f"[bold]{problem.id}[/bold]  {problem.question}", highlight=False)
