@@ -19,8 +19,10 @@ def ray_cluster():
     """A local 2-CPU Ray cluster shared by every test that needs one (starting Ray costs ~3 s)."""
     import ray
 
+    from actors.cluster import WORKER_ENV  # the production workers' environment (DeepSpeed's prebuilt ops too)
+
     if not ray.is_initialized():
-        env = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+        env = {**WORKER_ENV, "HF_HUB_OFFLINE": "1"}
         ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env}, logging_level="WARNING")
     yield ray
     # left running for later tests; pytest's exit shuts it down
