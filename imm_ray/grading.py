@@ -76,7 +76,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
-from imm_ray.data.prompts import STOP_STRINGS
+from imm_ray.data.format import STOP_STRINGS, boxed_contents
 from imm_ray.data.records import AnswerKind, Problem
 
 logger = logging.getLogger(__name__)
@@ -110,7 +110,6 @@ ANSWER_LINE = re.compile(
     re.IGNORECASE | re.MULTILINE,
 )
 _INLINE_ANSWER = re.compile(r"\banswer\s*(?:is\b\s*:?|:)[ \t*]*(?P<rest>[^\n]*)", re.IGNORECASE)
-_BOXED = re.compile(r"\\(?:boxed|fbox)\s*(\{|\s+)")
 
 
 def response_block(completion: str) -> str:
@@ -136,35 +135,6 @@ def _answer_line(block: str) -> str | None:
 def _inline_answer(block: str) -> str | None:
     matches = list(_INLINE_ANSWER.finditer(block))
     return _line_content(block, matches[-1]) if matches else None
-
-
-def boxed_contents(text: str) -> list[str]:
-    """Every ``\\boxed{...}`` / ``\\fbox{...}`` content in order, braces balanced (``\\boxed 5`` too)."""
-    found: list[str] = []
-    for match in _BOXED.finditer(text):
-        if match.group(1) == "{":
-            inner = _balanced(text, match.end())
-        else:
-            token = re.match(r"[^\s$.,]+", text[match.end() :])
-            inner = token.group(0) if token else None
-        if inner is not None:
-            found.append(inner)
-    return found
-
-
-def _balanced(text: str, start: int) -> str | None:
-    """Text from ``start`` (just after ``{``) to the matching ``}``; None if the braces never close."""
-    depth = 1
-    for position in range(start, len(text)):
-        char = text[position]
-        escaped = text[position - 1] == "\\"
-        if char == "{" and not escaped:
-            depth += 1
-        elif char == "}" and not escaped:
-            depth -= 1
-            if depth == 0:
-                return text[start:position]
-    return None
 
 
 def _last_boxed(text: str) -> str | None:

@@ -27,31 +27,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from imm_ray.data.records import Problem
-
-HEADER = (
-    "Below is an instruction that describes a task.\n"
-    "Write a response that appropriately completes the request like given examples below:\n\n"
+from imm_ray.data import registry
+from imm_ray.data.format import (  # noqa: F401 (the format, re-exported with the exemplar machinery)
+    ANSWER_PREFIX,
+    HEADER,
+    RESPONSE_PREFIX,
+    STOP_STRINGS,
+    build_prompt,
+    format_exemplar,
+    format_response,
 )
-RESPONSE_PREFIX = "Response: Let's think step by step.\n"
-ANSWER_PREFIX = "The answer is "
-# Generation stops at the start of a new block, as the paper's code did.
-STOP_STRINGS = ("\nQuestion:", "\nInstruction", "\nResponse", "\n\n\n")
-
-
-def format_exemplar(question: str, steps: str, answer: str) -> str:
-    """One worked example: question, "A: Let's think step by step.", the steps, "The answer is X"."""
-    return f"Question: {question}\nA: Let's think step by step.\n{steps.strip()}\n{ANSWER_PREFIX}{answer}\n\n"
-
-
-def build_prompt(question: str, exemplars: Sequence[str] = ()) -> str:
-    """The prompt for one question; ``exemplars`` are already formatted with :func:`format_exemplar`."""
-    return f"{HEADER}{''.join(exemplars)}Instruction:\n{question.strip()}\n\n{RESPONSE_PREFIX}"
-
-
-def format_response(steps: str, answer: str) -> str:
-    """A target response for SFT / pretraining: the steps, then the answer line, then end of text."""
-    return f"{steps.strip()}\n{ANSWER_PREFIX}{answer}"
+from imm_ray.data.records import Problem
+from imm_ray.data.registry import DataError, format_choices, load_set
 
 
 @dataclass(frozen=True)
@@ -234,8 +221,6 @@ class ChatTemplateTokenizer(Protocol):
 
 def exemplar_plan(set_name: str) -> ExemplarPlan:
     """The exemplar source of a set (see the module docstring); unknown sets raise the registry's DataError."""
-    from imm_ray.data import registry  # not at the top: registry -> grading -> prompts would be an import cycle
-
     registry.require_known(set_name)
     if set_name == "gsm8k":
         return ExemplarPlan("gsm8k", GSM8K_PAPER_EXEMPLARS)
@@ -306,7 +291,6 @@ def draw_exemplars(
     """``count`` exemplars from ``source``'s TRAIN split, in an order fixed by ``seed``."""
     if count <= 0:
         return ()
-    from imm_ray.data.registry import DataError, load_set
 
     try:
         train = load_set(source, "train", data_dir=data_dir, seed=seed)
@@ -334,7 +318,6 @@ def draw_exemplars(
 
 def as_choice_exemplar(exemplar: Exemplar, rng: random.Random) -> Exemplar:
     """A numeric exemplar as a multiple-choice one: its answer among near misses, answered by letter."""
-    from imm_ray.data.registry import format_choices
 
     gold = exemplar.answer
     options = [gold, *_near_misses(gold, CHOICE_EXEMPLAR_OPTIONS - 1, rng)]

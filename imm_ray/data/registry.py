@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from imm_ray.data.records import AnswerKind, Problem
-from imm_ray.grading import boxed_contents
+from imm_ray.data.format import boxed_contents
 
 DATA_DIR_ENV = "IMM_RAY_DATA_DIR"
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")

@@ -30,7 +30,7 @@ import random
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
-from imm_ray.data.prompts import build_prompt, format_response
+from imm_ray.data.format import build_prompt, format_response
 from imm_ray.data.records import Problem
 
 ID_SET = "toy_id"
