@@ -60,10 +60,14 @@ def test_elastic_run_starts_with_the_workers_that_fit(uninterrupted):
     assert not (Path(job.storage_path) / job.name).exists()  # checkpoints deleted once the model was written
 
 
-def test_killed_worker_resumes_from_the_last_checkpoint_with_the_same_weights(uninterrupted, tiny_model):
+@pytest.mark.parametrize("every_steps", [None, 3], ids=["epoch-checkpoints", "mid-epoch-checkpoints"])
+def test_killed_worker_resumes_from_the_last_checkpoint_with_the_same_weights(uninterrupted, tiny_model, every_steps):
+    """Bitwise the uninterrupted run's weights, whether the resume starts at an epoch boundary or inside an epoch
+    (25 steps per epoch; a checkpoint every 3 steps lands inside one unless it is the last step's)."""
     reference_job, reference_log, _ = uninterrupted
     tmp = Path(reference_job.storage_path).parent
-    job = _job(tmp, tiny_model, "killed", num_workers=reference_log["world_size"], max_failures=1)
+    job = _job(tmp, tiny_model, f"killed-{every_steps}", num_workers=reference_log["world_size"], max_failures=1,
+               checkpoint_every_steps=every_steps)
     outcome: dict = {}
     runner = threading.Thread(target=lambda: outcome.update(log=run_sft(job)), daemon=True)
     runner.start()
@@ -77,6 +81,8 @@ def test_killed_worker_resumes_from_the_last_checkpoint_with_the_same_weights(un
                      "resumed_from": None}
     assert second["start_step"] > 0 and second["resumed_from"] == (
         f"checkpoint_epoch{second['start_epoch']:03d}_step{second['start_step']:07d}")
+    if every_steps is not None and second["start_step"] < reference_log["optimizer_steps"]:
+        assert second["start_position"] > 0  # resumed inside an epoch
     assert log["epochs"] == reference_log["epochs"]
     assert log["optimizer_steps"] == reference_log["optimizer_steps"]
     expected = load_file(Path(reference_job.output_dir) / "model.safetensors")
