@@ -1,4 +1,4 @@
-"""``imm-ray toy build`` and ``imm-ray toy show``: the embedded default's data and base model."""
+"""``imm-ray toy build``, ``show`` and ``probe``: the embedded default's data and base model."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
 from imm_ray.cli.app import toy_app
 from imm_ray.cli.errors import fail
@@ -80,3 +81,29 @@ def show(
             _console.print(f"[bold]{problem.id}[/bold]  {problem.question}", highlight=False)
             _console.print(problem.solution or "", highlight=False)
             _console.print()
+
+
+@toy_app.command("probe")
+def probe(
+    model: Path = typer.Option(TOY_MODEL_DIR, help="Toy model folder to probe."),
+    n: int = typer.Option(60, min=1, help="Test questions per family."),
+    seed: int = typer.Option(0, help="Data seed."),
+) -> None:
+    """Which decisions of a step line the model has learned: teacher-forced probability of the gold token at
+    each field (person, running total, sign, amount, result), per family. 1.00 is learned, 0.50 a coin flip
+    for the sign, 1/16 for a person."""
+    from imm_ray.toy.check import load_model  # torch: imported only when used
+    from imm_ray.toy.probe import STEP_LINE, field_probabilities
+
+    if not (model / "config.json").is_file():
+        fail(f"--model {model}: no config.json (not a model folder)")
+    loaded, tokenizer = load_model(model)
+    table = Table(title=f"teacher-forced P(gold token) per field, {n} test questions per family")
+    table.add_column("family")
+    for field in STEP_LINE.groupindex:
+        table.add_column(field, justify="right")
+    table.add_column("step lines", justify="right")
+    for name in TOY_SETS:
+        results = field_probabilities(loaded, tokenizer, load_toy(name, "test", n, seed))
+        table.add_row(name, *(f"{r.mean:.2f}" for r in results), str(results[0].count))
+    _console.print(table)

@@ -1,0 +1,62 @@
+"""Which decisions of a step line a toy model has learned: teacher-forced probabilities at named fields.
+
+The build record's pass@1 says how often a toy is right; it does not say why it is wrong. This probe does:
+with the gold document (zero-shot prompt and reference solution) as input, it reads the probability the model
+gives to the gold token at the start of each named field of every step line, such as the sign, the amount or
+the person. A field at 1.00 is a decision the model makes; a field at 1/choices (0.50 for the sign, 1/16 for a
+name) is a coin flip. docs/toy_world.md (rounds 2–4) reads the toy worlds with it. That is how it showed that
+the shipped base places every number and picks each sign at chance.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerFast
+
+from imm_ray.data.format import build_prompt
+from imm_ray.data.records import Problem
+
+# The step line of imm_ray.data.toy: "Ava has 54 + 3 = 57 cards."
+STEP_LINE = re.compile(r"(?P<person>[A-Z][a-z]+) has (?P<total>\d+) (?P<sign>[+-]) (?P<amount>\d+) = (?P<result>\d+)")
+
+
+@dataclass(frozen=True)
+class FieldProbability:
+    """The mean probability of the gold token at one field, over ``count`` occurrences."""
+
+    field: str
+    mean: float
+    count: int
+
+
+@torch.no_grad()
+def field_probabilities(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, problems: Sequence[Problem],
+    pattern: re.Pattern[str] = STEP_LINE,
+) -> list[FieldProbability]:
+    """For each named group of ``pattern``, the mean teacher-forced probability of the gold token at the group's
+    first character, over every match in the problems' reference solutions (in the pattern's group order)."""
+    found: dict[str, list[float]] = {name: [] for name in pattern.groupindex}
+    for problem in problems:
+        if not problem.solution:
+            raise ValueError(f"{problem.id} has no reference solution to probe")
+        prompt = build_prompt(problem.question)
+        encoded = tokenizer(prompt + problem.solution, return_offsets_mapping=True, return_tensors="pt")
+        ids = encoded["input_ids"][0]
+        spans = encoded["offset_mapping"][0].tolist()
+        probabilities = model(encoded["input_ids"]).logits[0].float().softmax(-1)
+        for match in pattern.finditer(problem.solution):
+            for name in pattern.groupindex:
+                position = _token_at(spans, len(prompt) + match.start(name))
+                found[name].append(probabilities[position - 1, ids[position]].item())
+    return [FieldProbability(name, sum(values) / len(values) if values else float("nan"), len(values))
+            for name, values in found.items()]
+
+
+def _token_at(spans: list[list[int]], char: int) -> int:
+    """The index of the token whose character span holds ``char``."""
+    return next(i for i, (start, end) in enumerate(spans) if start <= char < end)
