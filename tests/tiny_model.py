@@ -43,3 +43,18 @@ def build_tiny_model(folder: Path, *, layers: int = 2, hidden: int = 64, seed: i
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+# SFT pairs the resilience and elastic tests train on: 10 additions, 200 pairs (25 steps of 8 per epoch)
+ADDITION_PAIRS = [(f"Instruction: {a} + 4?\nResponse: ", f"{a} + 4 = {a + 4} The answer is {a + 4}")
+                  for a in range(10)] * 20
+
+
+def write_addition_pairs(folder: Path) -> Path:
+    """``folder/pairs.parquet`` holding :data:`ADDITION_PAIRS` (written once; later calls reuse it)."""
+    import pandas as pd
+
+    data = folder / "pairs.parquet"
+    if not data.exists():
+        pd.DataFrame(ADDITION_PAIRS, columns=["prompt", "response"]).to_parquet(data)
+    return data

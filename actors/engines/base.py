@@ -67,9 +67,10 @@ class EngineSpec(BaseModel):
     trust_remote_code: bool = False
     threads: int = Field(1, ge=1)  # torch intra-op threads (CPU)
     dtype: Dtype = "float32"  # weights and activations; absent or "auto": resolved on build (the validator below)
-    # transformers only: the attention kernel ("auto" resolved on build: eager on CPU, sdpa on GPUs) and the KV cache
+    # transformers only: the attention kernel ("auto" resolved on build: sdpa) and the KV cache (preallocated:
+    # 0.85x the dynamic cache's time on the toy, docs/benchmarks.md)
     attention: Literal["sdpa", "eager"] = "sdpa"
-    kv_cache: Literal["dynamic", "preallocated", "static"] = "preallocated"  # 0.85x dynamic's time on the toy (docs/benchmarks.md)
+    kv_cache: Literal["dynamic", "preallocated", "static"] = "preallocated"
     tensor_parallel_size: int = Field(1, ge=1)
     gpu_memory_utilization: float = 0.85
     max_model_len: int | None = None

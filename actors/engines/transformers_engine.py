@@ -7,9 +7,9 @@ What keeps it at the speed of its compute (docs/benchmarks.md, "Generation engin
 - sdpa attention (``EngineSpec.attention``, resolved on the driver): 0.70x eager's time on the toy;
 - a KV cache that is not copied as it grows (``kv_cache="preallocated"``, the default, 0.85x the dynamic cache's
   time on the toy): transformers' default ``DynamicCache`` concatenates every step, copying the whole cache of
-  every layer (O(length²) bytes per sequence); :class:`PreallocatedLayer` allocates the prompt + ``max_new_tokens`` positions once and returns views
-  of the filled part, so attention still only spans the tokens so far (the ``static`` cache spans the whole
-  length at every step, slower here for short completions);
+  every layer (O(length²) bytes per sequence); :class:`PreallocatedLayer` allocates the prompt +
+  ``max_new_tokens`` positions once and returns views of the filled part, so attention still only spans the
+  tokens so far (the ``static`` cache spans the whole length at every step, slower here for short completions);
 - one ``generate`` call per request group (all its prompts and all n samples in one batch) on one torch thread
   per CPU the actor holds: the pipeline (``actors.generation``) gives each actor whole groups.
 """

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from imm_ray.cli.app import toy_app
 from imm_ray.cli.errors import fail
-from imm_ray.data.toy import TOY_SETS, ToyMixture, load_toy
+from imm_ray.data.toy import STEP_LINE, TOY_SETS, ToyMixture, load_toy
 from imm_ray.toy import TOY_MODEL_DIR
 
 _console = Console()
@@ -93,7 +93,7 @@ def probe(
     each field (person, running total, sign, amount, result), per family. 1.00 is learned, 0.50 a coin flip
     for the sign, 1/16 for a person."""
     from imm_ray.toy.check import load_model  # torch: imported only when used
-    from imm_ray.toy.probe import STEP_LINE, field_probabilities
+    from imm_ray.toy.probe import field_probabilities
 
     if not (model / "config.json").is_file():
         fail(f"--model {model}: no config.json (not a model folder)")

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -105,6 +106,10 @@ def _relations(
         lines.append(f"{unknown} has {total} {'+' if delta > 0 else '-'} {abs(delta)} = {new} {obj}.")
         total = new
     return sentences, lines, total
+
+
+# The step line _relations writes ("Ava has 54 + 3 = 57 cards."), field by field; imm_ray.toy.probe reads it.
+STEP_LINE = re.compile(r"(?P<person>[A-Z][a-z]+) has (?P<total>\d+) (?P<sign>[+-]) (?P<amount>\d+) = (?P<result>\d+)")
 
 
 def _make_id(rng: random.Random) -> _Worked:

@@ -19,9 +19,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from imm_ray.data.format import build_prompt
 from imm_ray.data.records import Problem
+from imm_ray.data.toy import STEP_LINE
 
-# The step line of imm_ray.data.toy: "Ava has 54 + 3 = 57 cards."
-STEP_LINE = re.compile(r"(?P<person>[A-Z][a-z]+) has (?P<total>\d+) (?P<sign>[+-]) (?P<amount>\d+) = (?P<result>\d+)")
 
 
 @dataclass(frozen=True)

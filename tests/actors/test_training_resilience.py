@@ -14,24 +14,21 @@ import threading
 import time
 from pathlib import Path
 
-import pandas as pd
 import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from actors.training import SFTJob, run_sft
+from tiny_model import ADDITION_PAIRS, write_addition_pairs
 
 pytestmark = pytest.mark.integration
 
-PAIRS = [(f"Instruction: {a} + 4?\nResponse: ", f"{a} + 4 = {a + 4} The answer is {a + 4}") for a in range(10)] * 20
 
 
 def _job(tmp: Path, model: Path, name: str, **overrides) -> SFTJob:
     """The paper's SFT recipe shape (ZeRO-3, bf16, accumulation, cosine with warm-up) at toy size."""
-    data = tmp / "pairs.parquet"
-    if not data.exists():
-        pd.DataFrame(PAIRS, columns=["prompt", "response"]).to_parquet(data)
+    data = write_addition_pairs(tmp)
     settings = dict(
         model_path=str(model), data_path=str(data), output_dir=str(tmp / name / "model"),
         storage_path=str(tmp / "ray"), name=name, seed=7, epochs=3, learning_rate=3e-3, per_device_batch_size=2,
@@ -53,7 +50,7 @@ def uninterrupted(ray_cluster, tiny_model, tmp_path_factory):
 def test_elastic_run_starts_with_the_workers_that_fit(uninterrupted):
     job, log, free = uninterrupted
     assert log["world_size"] == min(4, free) >= 1
-    assert log["global_batch"] == 8 and log["optimizer_steps"] == 3 * len(PAIRS) // 8
+    assert log["global_batch"] == 8 and log["optimizer_steps"] == 3 * len(ADDITION_PAIRS) // 8
     assert [a["start_epoch"] for a in log["attempts"]] == [0]
     assert [e["epoch"] for e in log["epochs"]] == [1, 2, 3]
     assert log["epochs"][-1]["loss"] < log["epochs"][0]["loss"]
@@ -101,7 +98,7 @@ def test_one_and_two_workers_with_one_global_batch_train_the_same_model(ray_clus
     (one_job, one), (two_job, two) = runs[1], runs[2]
     assert (one["world_size"], two["world_size"]) == (1, 2)
     assert (one["micro_batches_per_step"], two["micro_batches_per_step"]) == (4, 2)  # 8 = 4 x 2 x 1 = 2 x 2 x 2
-    assert one["optimizer_steps"] == two["optimizer_steps"] == 2 * len(PAIRS) // 8
+    assert one["optimizer_steps"] == two["optimizer_steps"] == 2 * len(ADDITION_PAIRS) // 8
     assert one["step_losses"] == pytest.approx(two["step_losses"], rel=1e-4)
     assert one["step_losses"][-1] < 0.5 * one["step_losses"][0]
     a = load_file(Path(one_job.output_dir) / "model.safetensors")

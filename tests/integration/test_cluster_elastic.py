@@ -16,15 +16,14 @@ import subprocess
 import time
 from pathlib import Path
 
-import pandas as pd
 import pytest
 from safetensors.torch import load_file
 
 from actors.training import SFTJob
 from cluster_nodes import LocalCluster, local_cluster
+from tiny_model import ADDITION_PAIRS, build_tiny_model, write_addition_pairs
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-PAIRS = [(f"Instruction: {a} + 4?\nResponse: ", f"{a} + 4 = {a + 4} The answer is {a + 4}") for a in range(10)] * 20
 
 
 @pytest.fixture
@@ -34,9 +33,7 @@ def cluster():
 
 
 def _job(root: Path, model: Path, name: str, **overrides) -> SFTJob:
-    data = root / "pairs.parquet"
-    if not data.exists():
-        pd.DataFrame(PAIRS, columns=["prompt", "response"]).to_parquet(data)
+    data = write_addition_pairs(root)
     settings = dict(
         model_path=str(model), data_path=str(data), output_dir=str(root / name / "model"),
         storage_path=str(root / "ray_train"), name=name, seed=7, epochs=3, learning_rate=3e-3,
@@ -66,8 +63,6 @@ def _registered_checkpoint(run_folder: Path) -> bool:
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
     """Wider than the suite's tiny model, so that training lasts past a node's joining (~2 min on 1 CPU)."""
-    from tiny_model import build_tiny_model
-
     return build_tiny_model(tmp_path_factory.mktemp("elastic") / "model", layers=4, hidden=256)
 
 
@@ -95,7 +90,7 @@ def test_worker_group_grows_when_a_node_joins_and_trains_the_fixed_size_model(cl
     grown = log["attempts"][-1]
     assert grown["resumed_from"] is not None and grown["start_step"] > 0
     assert log["world_size"] == 2 and log["global_batch"] == fixed["global_batch"] == 8
-    assert log["optimizer_steps"] == fixed["optimizer_steps"] == 3 * len(PAIRS) // 8
+    assert log["optimizer_steps"] == fixed["optimizer_steps"] == 3 * len(ADDITION_PAIRS) // 8
     assert [e["epoch"] for e in log["epochs"]] == [1, 2, 3]
     # The same steps, each the job's global batch of 8, on 1 worker and then on 2: equal up to the order of float
     # sums (1 rank's micro-batches vs 2 ranks' all-reduce), drifting a little over 55 Adam steps.

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from imm_ray.data.records import Problem
-from imm_ray.data.toy import load_toy
+from imm_ray.data.toy import STEP_LINE, load_toy
 from imm_ray.toy import TOY_MODEL_DIR
 from imm_ray.toy.check import load_model
-from imm_ray.toy.probe import STEP_LINE, field_probabilities
+from imm_ray.toy.probe import field_probabilities
 
 
 class _Uniform(torch.nn.Module):
@@ -46,7 +46,8 @@ def test_each_field_is_read_at_its_own_token() -> None:
 def test_the_shipped_base_places_numbers_and_flips_a_coin_for_the_sign() -> None:
     """docs/toy_world.md, round 2: amounts copied, signs at chance."""
     model, tokenizer = load_model(TOY_MODEL_DIR)
-    results = {r.field: r.mean for r in field_probabilities(model, tokenizer, load_toy("toy_ood_compare", "test", 30, 0))}
+    problems = load_toy("toy_ood_compare", "test", 30, 0)
+    results = {r.field: r.mean for r in field_probabilities(model, tokenizer, problems)}
     assert results["amount"] > 0.95 and results["total"] > 0.95
     assert 0.35 < results["sign"] < 0.65
 
@@ -54,7 +55,8 @@ def test_the_shipped_base_places_numbers_and_flips_a_coin_for_the_sign() -> None
 def test_a_problem_without_a_solution_is_refused() -> None:
     model, tokenizer = load_model(TOY_MODEL_DIR)
     with pytest.raises(ValueError, match="no reference solution"):
-        field_probabilities(model, tokenizer, [Problem(id="x/1", set_name="x", question="q", answer="1", kind="numeric")])
+        field_probabilities(model, tokenizer, [Problem(id="x/1", set_name="x", question="q", answer="1",
+                                                       kind="numeric")])
 
 
 def test_the_probe_command_prints_every_family_and_refuses_a_folder_without_a_model(tmp_path) -> None:
