@@ -93,17 +93,19 @@ def probe(
     each field (person, running total, sign, amount, result), per family. 1.00 is learned, 0.50 a coin flip
     for the sign, 1/16 for a person."""
     from imm_ray.toy.check import load_model  # torch: imported only when used
+    from imm_ray.stats import BOOTSTRAP_METHOD
     from imm_ray.toy.probe import field_probabilities
 
     if not (model / "config.json").is_file():
         fail(f"--model {model}: no config.json (not a model folder)")
     loaded, tokenizer = load_model(model)
-    table = Table(title=f"teacher-forced P(gold token) per field, {n} test questions per family")
-    table.add_column("family")
+    table = Table(title=f"teacher-forced P(gold token) per field [95% interval], {n} test questions per family",
+                  caption=f"interval: {BOOTSTRAP_METHOD}")
+    table.add_column("family", no_wrap=True)
     for field in STEP_LINE.groupindex:
         table.add_column(field, justify="right")
     table.add_column("step lines", justify="right")
     for name in TOY_SETS:
         results = field_probabilities(loaded, tokenizer, load_toy(name, "test", n, seed))
-        table.add_row(name, *(f"{r.mean:.2f}" for r in results), str(results[0].count))
+        table.add_row(name, *(f"{r.mean:.2f} [{r.low:.2f}, {r.high:.2f}]" for r in results), str(results[0].count))
     _console.print(table)

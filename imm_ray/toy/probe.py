@@ -14,21 +14,27 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import pandas as pd
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from imm_ray.data.format import build_prompt
 from imm_ray.data.records import Problem
 from imm_ray.data.toy import STEP_LINE
+from imm_ray.stats import percentile_estimate
 
 
 
 @dataclass(frozen=True)
 class FieldProbability:
-    """The mean probability of the gold token at one field, over ``count`` occurrences."""
+    """The probability of the gold token at one field: the mean over ``questions`` of each question's mean over
+    its ``count`` occurrences in all, with the 95% interval of :data:`imm_ray.stats.BOOTSTRAP_METHOD`."""
 
     field: str
     mean: float
+    low: float
+    high: float
+    questions: int
     count: int
 
 
@@ -37,9 +43,9 @@ def field_probabilities(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, problems: Sequence[Problem],
     pattern: re.Pattern[str] = STEP_LINE,
 ) -> list[FieldProbability]:
-    """For each named group of ``pattern``, the mean teacher-forced probability of the gold token at the group's
-    first character, over every match in the problems' reference solutions (in the pattern's group order)."""
-    found: dict[str, list[float]] = {name: [] for name in pattern.groupindex}
+    """For each named group of ``pattern`` (in its group order), the teacher-forced probability of the gold token
+    at the group's first character, over every match in the problems' reference solutions."""
+    found: dict[str, dict[str, list[float]]] = {name: {} for name in pattern.groupindex}
     for problem in problems:
         if not problem.solution:
             raise ValueError(f"{problem.id} has no reference solution to probe")
@@ -51,9 +57,18 @@ def field_probabilities(
         for match in pattern.finditer(problem.solution):
             for name in pattern.groupindex:
                 position = _token_at(spans, len(prompt) + match.start(name))
-                found[name].append(probabilities[position - 1, ids[position]].item())
-    return [FieldProbability(name, sum(values) / len(values) if values else float("nan"), len(values))
-            for name, values in found.items()]
+                found[name].setdefault(problem.id, []).append(probabilities[position - 1, ids[position]].item())
+    return [_summary(name, per_question) for name, per_question in found.items()]
+
+
+def _summary(name: str, per_question: dict[str, list[float]]) -> FieldProbability:
+    """Questions are the unit of resampling: a question's lines share its numbers and names."""
+    count = sum(len(values) for values in per_question.values())
+    if not per_question:
+        return FieldProbability(name, float("nan"), float("nan"), float("nan"), 0, 0)
+    scores = pd.Series({question: sum(values) / len(values) for question, values in per_question.items()})
+    result = percentile_estimate({name: scores})
+    return FieldProbability(name, result.value, result.low, result.high, len(scores), count)
 
 
 def _token_at(spans: list[list[int]], char: int) -> int:

@@ -30,8 +30,9 @@ def test_a_uniform_model_gets_one_over_the_vocabulary_at_every_field() -> None:
     problems = load_toy("toy_id", "test", 3, 0)
     results = field_probabilities(_Uniform(len(tokenizer)), tokenizer, problems)
     assert [r.field for r in results] == list(STEP_LINE.groupindex)
-    assert all(r.count == 6 for r in results)  # two step lines per ID problem
+    assert all(r.count == 6 and r.questions == 3 for r in results)  # two step lines per ID problem
     assert all(r.mean == pytest.approx(1 / len(tokenizer)) for r in results)
+    assert all(r.low == pytest.approx(r.mean) == pytest.approx(r.high) for r in results)  # nothing varies
 
 
 def test_each_field_is_read_at_its_own_token() -> None:
@@ -50,6 +51,8 @@ def test_the_shipped_base_places_numbers_and_flips_a_coin_for_the_sign() -> None
     results = {r.field: r.mean for r in field_probabilities(model, tokenizer, problems)}
     assert results["amount"] > 0.95 and results["total"] > 0.95
     assert 0.35 < results["sign"] < 0.65
+    sign = next(r for r in field_probabilities(model, tokenizer, problems) if r.field == "sign")
+    assert sign.low <= sign.mean <= sign.high and sign.questions == 30
 
 
 def test_a_problem_without_a_solution_is_refused() -> None:
