@@ -45,8 +45,8 @@ def resolve_dtype(requested: str, kind: str) -> Dtype:
 
 def resolve_attention(requested: str) -> Literal["sdpa", "eager"]:
     """auto: sdpa, on CPU as on GPUs. Measured side by side in one process (bf16, preallocated cache, one
-    thread; docs/benchmarks.md "Generation engine settings", 2026-12-02): sdpa took 0.70x eager's time on the toy
-    (128 prompts x 2 samples, three alternating passes) and 0.94x on the 0.5B-shaped model (four passes), and
+    thread; docs/benchmarks.md "Generation engine settings", 2026-12-02): sdpa took 0.67-0.70x eager's time on the toy
+    (128 prompts x 2 samples, three alternating passes) and 0.90-0.94x on the 0.5B-shaped model (four passes), and
     eager materialises the prefill's attention weights (batch x heads x length² values). "eager" stays
     selectable."""
     return "sdpa" if requested == "auto" else requested  # type: ignore[return-value]

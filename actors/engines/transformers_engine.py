@@ -4,7 +4,7 @@ What keeps it at the speed of its compute (docs/benchmarks.md, "Generation engin
 
 - bfloat16 weights where the CPU has native bf16 (``EngineSpec.dtype``, resolved on the driver): 2-2.5x the
   float32 tokens/s on this avx512_bf16 CPU;
-- sdpa attention (``EngineSpec.attention``, resolved on the driver): 0.70x eager's time on the toy;
+- sdpa attention (``EngineSpec.attention``, resolved on the driver): 0.67-0.70x eager's time on the toy;
 - a KV cache that is not copied as it grows (``kv_cache="preallocated"``, the default, 0.85x the dynamic cache's
   time on the toy): transformers' default ``DynamicCache`` concatenates every step, copying the whole cache of
   every layer (O(length²) bytes per sequence); :class:`PreallocatedLayer` allocates the prompt +
