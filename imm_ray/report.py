@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from imm_ray import diagnostics, stats
+from imm_ray import diagnostics, pattern, stats
 from imm_ray.strategies import STRATEGIES
 
 ALPHA_CONVENTION = (
@@ -395,6 +395,16 @@ def what_came_out(frame: pd.DataFrame, k: int) -> str:
     return "\n".join(lines)
 
 
+def pattern_section(models: Sequence[Model], frame: pd.DataFrame, id_set: str, k: int) -> str:
+    """imm_ray.pattern's criteria on IMM's and vanilla STaR's last models; empty unless the run has both."""
+    imm, vanilla = handed_on(models, "imm"), handed_on(models, "vanilla")
+    base = next((m for m in models if m.role == "base"), None)
+    if not imm or not vanilla or base is None:
+        return ""
+    labels = {"imm": imm[max(imm)].label, "vanilla": vanilla[max(vanilla)].label, "base": base.label}
+    return pattern.markdown(pattern.check(frame, labels, {"id": id_set, "ood": OOD_MEAN}, k), k)
+
+
 # ---- collapse diagnostics ------------------------------------------------------------------------------------
 def diagnostics_table(models: Sequence[Model], ks: Sequence[int], book: ScoreBook) -> pd.DataFrame | None:
     """imm_ray.diagnostics per model and set of the evaluation samples, mean over the model's seeds."""
@@ -498,7 +508,8 @@ def write_report(run_dir: Path, rows: Sequence[dict], id_set: str, ks: Sequence[
     sections = [f"# imm-ray report: {run_dir.name}\n", f"## Summary\n\n{headline(models, compared, id_set, ks[0])}\n",
                 f"> {ALPHA_CONVENTION}\n", counts_line(models, id_set)]
     sections += [f"## pass@{k} (%), in-domain `{id_set}` first\n\n{to_markdown(t)}\n" for k, t in tables.items()]
-    sections += [comparisons_section(compared, ks), what_came_out(compared, ks[0])]
+    sections += [comparisons_section(compared, ks), what_came_out(compared, ks[0]),
+                 pattern_section(models, compared, id_set, ks[0])]
     sections += ["## Figures\n", f"![accuracy over iterations]({TRAJECTORY_PNG})\n\nBands: each model's own 95% "
                  "interval. Whether two models differ is read from the paired comparisons above, not from "
                  "overlapping bands (pairing on the same questions removes the shared question difficulty).\n",

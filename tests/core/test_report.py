@@ -152,3 +152,26 @@ def test_layer_section_tabulates_weight_change_and_importance(tmp_path):
     write_report(tmp_path, rows, "toy_id", (1,))
     text = (tmp_path / "report.md").read_text()
     assert "| IMM · SFT_0 | 0.5 | 0.75 |" in text and "| IMM · SFT_0 | 1.5 | 0.25 |" in text
+
+
+# ---- the paper's pattern (imm_ray/pattern.py) ----
+def test_the_report_checks_the_pattern_on_the_last_models(tmp_path):
+    write_report(tmp_path, _rows(tmp_path, 40, MERGE_OOD), "toy_id", (1,))
+    section = (tmp_path / "report.md").read_text().split("## The paper's pattern")[1].split("\n## ")[0]
+    assert "| (a) in-domain | vanilla STaR's last model is above the base in-domain | +" in section
+    assert section.count("| holds |") == 4
+    assert "Every criterion holds with a resolved interval (pooled over 2 seeds)." in section
+
+
+def test_the_report_says_when_the_pattern_is_not_shown(tmp_path):
+    # IMM's merge as vanilla's SFT model out-of-domain but for one question each way: (c) is +0.0
+    write_report(tmp_path, _rows(tmp_path, 49, (set(range(20)) - {3}) | {40}), "toy_id", (1,))
+    section = (tmp_path / "report.md").read_text().split("## The paper's pattern")[1].split("\n## ")[0]
+    assert "| +0.0 [" in section and section.rstrip().endswith("(c) not met.")
+    assert "The pattern is NOT shown by this run (pooled over 2 seeds)" in section
+
+
+def test_a_run_without_vanilla_has_no_pattern_section(tmp_path):
+    rows = [r for r in _rows(tmp_path, 40, MERGE_OOD) if r["strategy"] != "vanilla"]
+    write_report(tmp_path, rows, "toy_id", (1,))
+    assert "## The paper's pattern" not in (tmp_path / "report.md").read_text()
