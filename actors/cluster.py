@@ -37,6 +37,8 @@ def ray_session(logs: Path | None = None, *, verbose: bool = False) -> Iterator[
     # a local cluster started for one run needs no dashboard (ray[default] would start one: seconds and memory);
     # a cluster that was started for jobs (ray start, ray up) keeps its own
     local = {} if address else {"include_dashboard": False}
+    if not address:
+        keep_warm_task_workers()
     context = ray.init(address=address, runtime_env={"env_vars": WORKER_ENV}, logging_level="WARNING",
                        log_to_driver=not quiet, **local)
     if logs is not None:
@@ -49,6 +51,19 @@ def ray_session(logs: Path | None = None, *, verbose: bool = False) -> Iterator[
         yield
     finally:
         ray.shutdown()
+
+
+def keep_warm_task_workers() -> None:
+    """Let a local Ray keep one idle worker process per core while actors hold the CPUs.
+
+    Ray's raylet kills idle worker processes beyond its soft limit, which by default is the CPUs left free
+    (ray-project/ray#36766). While an SFT stage's Ray Train workers or the merge actors hold every CPU, that is 0,
+    so the task workers that ran generation and evaluation (torch, transformers and an engine loaded) are killed,
+    and the next stage starts new ones that import everything again: 4-5 s of a 10 s toy evaluation stage
+    (docs/benchmarks.md). Ray reads its config overrides from ``RAY_<name>`` variables when it starts the raylet;
+    a value the user set wins. Clusters started with ``ray start`` keep their own setting.
+    """
+    os.environ.setdefault("RAY_num_workers_soft_limit", str(os.cpu_count() or 1))
 
 
 def link_session_logs(session_dir: Path, logs: Path) -> Path | None:

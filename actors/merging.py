@@ -18,6 +18,7 @@ backend and the worker count.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -29,6 +30,7 @@ from typing import Literal
 
 import ray
 
+from actors.cluster import ray_session
 from imm_ray.merge import plan as planning
 from imm_ray.merge.errors import MergeError
 from imm_ray.merge.options import MergeOptions
@@ -89,9 +91,8 @@ def merge_models(options: MergeOptions, backend: Backend = "auto", progress: Pro
     check_output(options.out, options.overwrite)
     inputs = planning.open_inputs(options)
     where = choose_backend(backend)
-    if where == "ray":
-        _ensure_ray()
-    with staged_folder(options.out, options.overwrite) as folder:
+    with ray_session() if where == "ray" else contextlib.nullcontext(), \
+            staged_folder(options.out, options.overwrite) as folder:
         plan = planning.plan_merge(options, inputs, folder)
         batches = planning.work_batches(plan)
         fingerprints_of = lambda: planning.input_fingerprints(inputs)  # noqa: E731
@@ -133,16 +134,6 @@ class TensorCount:
                 self.done += 1
         if self.progress is not None:
             self.progress(Tick(self.done, self.total, "tensors"))
-
-
-def _ensure_ray() -> None:
-    if ray.is_initialized():
-        return
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-    else:
-        ray.init(include_dashboard=False)
 
 
 def _pool_size(requested: int | None, batches: int) -> tuple[int, float]:

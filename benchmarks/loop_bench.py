@@ -46,13 +46,24 @@ def records(run_dir: Path) -> list[tuple[Path, dict]]:
     return found
 
 
-def _engine_worker(args: tuple[str, list[tuple[float, int, list[str]]], int]) -> float:
-    """One warm process: build the engine (untimed), then time its share of every (temperature, n) group."""
-    model_path, groups, max_new_tokens = args
-    from actors.engines import EngineSpec, SamplingRequest, make_engine
-    from imm_ray.data.prompts import STOP_STRINGS
+def stage_folder(run_dir: Path, fingerprint: str) -> Path | None:
+    """The stage folder of an argument's fingerprint (the completion records name arguments by fingerprint)."""
+    return next((f for f in (run_dir / "_stages").glob(f"*-{fingerprint}") if f.is_dir()), None)
 
-    engine = make_engine(EngineSpec(kind="transformers", model_path=model_path))
+
+def argument_model(run_dir: Path, record: dict, base_model: str) -> str:
+    """The model a generate/eval stage sampled: an SFT or merge stage's folder, or the base."""
+    folder = stage_folder(run_dir, record["inputs"]["arguments"].get("model", ""))
+    return str(folder) if folder is not None and (folder / "config.json").exists() else base_model
+
+
+def _engine_worker(args: tuple[dict, list[tuple[float, int, list[str]]], int]) -> float:
+    """One warm process: build the engine (untimed), then time its share of every (temperature, n) group."""
+    spec, groups, max_new_tokens = args
+    from actors.engines import EngineSpec, SamplingRequest, make_engine
+    from imm_ray.data.format import STOP_STRINGS
+
+    engine = make_engine(EngineSpec(**spec))
     engine.generate(groups[0][2][:2], SamplingRequest(n=1, temperature=0.6, max_new_tokens=4, seed=0))
     started = time.perf_counter()
     for temperature, n, prompts in groups:
@@ -61,7 +72,9 @@ def _engine_worker(args: tuple[str, list[tuple[float, int, list[str]]], int]) ->
     return time.perf_counter() - started
 
 
-def generation_floor(folder: Path, model_path: str, max_new_tokens: int, cores: int) -> float:
+def generation_floor(folder: Path, spec: dict, max_new_tokens: int, cores: int) -> float:
+    """The stage's own engine spec (dtype, attention, KV cache as the loop resolved them), one warm process per
+    core with that spec's threads."""
     import pandas as pd
 
     frame = pd.read_parquet(folder / "samples.parquet", columns=["question_id", "prompt", "temperature"])
@@ -75,7 +88,7 @@ def generation_floor(folder: Path, model_path: str, max_new_tokens: int, cores: 
                 shares[core].append((float(temperature), int(n), part))
     context = multiprocessing.get_context("spawn")
     with context.Pool(cores) as pool:
-        return max(pool.map(_engine_worker, [(model_path, share, max_new_tokens) for share in shares if share]))
+        return max(pool.map(_engine_worker, [(spec, share, max_new_tokens) for share in shares if share]))
 
 
 def sft_floor(pairs: Path, model_path: str, config: dict, cores: int, global_batch: int) -> tuple[float, int]:
@@ -120,12 +133,14 @@ def io_floor(base: Path, sft: Path, out: Path) -> float:
 
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {}
+    read: list[dict] = []
     for folder in (base, sft):
+        tensors = {}
         for file in sorted(folder.glob("*.safetensors")):
             with safe_open(str(file), "pt") as handle:
-                tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-    save_file(tensors, out / "model.safetensors")
+                tensors.update({name: handle.get_tensor(name) for name in handle.keys()})
+        read.append(tensors)
+    save_file(read[1], out / "model.safetensors")  # a merge writes one model of the same shape
     return time.perf_counter() - started
 
 
@@ -157,27 +172,23 @@ def main() -> None:
         kind, seconds = record["kind"], record["seconds"]
         floor, note = None, ""
         if kind in ("generate", "eval"):
-            model = record["inputs"].get("model") or base_model
-            model = model if Path(str(model)).is_dir() else base_model
+            spec = {**record["inputs"]["values"]["engine"], "model_path": argument_model(run_dir, record, base_model)}
             tokens = config["generation"]["max_new_tokens"] if kind == "generate" else (
                 config["eval"].get("max_new_tokens") or config["generation"]["max_new_tokens"])
-            floor = generation_floor(folder, model, tokens, cores)
-            note = f"engine, {cores} warm processes"
+            floor = generation_floor(folder, spec, tokens, cores)
+            note = f"engine ({spec['dtype']}, {spec['attention']}, {spec['kv_cache']} cache), {cores} warm processes"
         elif kind == "sft":
             log = json.loads((folder / "training_log.json").read_text())
-            pairs = next((run_dir / "_stages").glob("sft_data-*/pairs.parquet"))
+            pairs = stage_folder(run_dir, record["inputs"]["arguments"]["pairs"]) / "pairs.parquet"
             floor, tokens = sft_floor(pairs, base_model, config, cores, log["global_batch"])
             ray_rate, plain_rate = log["tokens"] / log["train_seconds"], tokens / floor
             note = (f"plain torch loop ({cores} threads); stage's step loop {log['train_seconds']:.2f} s, tokens/s "
                     f"{ray_rate:,.0f} vs {plain_rate:,.0f} = {ray_rate / plain_rate:.2f}×; timeline "
                     + ", ".join(f"{k} {v:.1f}" for k, v in log["timeline"].items()))
         elif kind == "merge":
-            merge = json.loads((folder / "merge_record.json").read_text())
-            inputs = merge.get("inputs") or {}
-            sft_dir = next((run_dir / "_stages").glob("sft-*"))
-            floor = io_floor(Path(base_model), sft_dir, Path("/tmp") / f"loop-bench-io-{os.getpid()}")
+            tuned = stage_folder(run_dir, record["inputs"]["arguments"]["sft"])
+            floor = io_floor(Path(base_model), tuned, Path("/tmp") / f"loop-bench-io-{os.getpid()}")
             note = "safetensors read 2, write 1"
-            del inputs
         rows.append((kind, folder.name, seconds, floor, note))
     after = load()
     lines = ["| stage | loop s | floor s | loop / floor | start-up s (loop − floor) | floor, notes |",

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from ray.exceptions import RayTaskError
 from ray.train import ControllerError, WorkerGroupError
 
@@ -28,3 +31,52 @@ def test_session_logs_are_linked_where_they_exist(tmp_path):
     again = link_session_logs(session, tmp_path / "run" / "logs")  # a second invocation replaces the link
     assert again == link
     assert link_session_logs(tmp_path / "elsewhere", tmp_path / "run" / "logs") is None  # a remote head's path
+
+
+WARM_WORKERS_SCRIPT = """
+import os, time
+import ray
+from actors.cluster import ray_session
+
+@ray.remote(num_cpus=1)
+def pid():
+    time.sleep(0.5)  # both tasks in flight at once, so two workers serve them
+    return os.getpid()
+
+@ray.remote(num_cpus=1)
+class Holder:  # an SFT worker or merge actor: holds a CPU while the task workers sit idle
+    def ready(self):
+        return True
+
+with ray_session():
+    before = set(ray.get([pid.remote() for _ in range(2)]))
+    holders = [Holder.remote() for _ in range(2)]
+    ray.get([h.ready.remote() for h in holders])
+    time.sleep(3)  # Ray kills an idle worker over its soft limit after about 1 s
+    for h in holders:
+        ray.kill(h)
+    after = set(ray.get([pid.remote() for _ in range(2)]))
+    print("SOFT_LIMIT", os.environ.get("RAY_num_workers_soft_limit"), "KEPT", len(before & after), "OF", len(before))
+"""
+
+
+def test_a_local_ray_keeps_its_task_workers_while_actors_hold_the_cpus(tmp_path):
+    """The task workers that ran generation survive an actor stage (actors.cluster.keep_warm_task_workers), so the
+    next stage does not import torch and transformers again; without the setting Ray kills them (checked too)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "warm.py"
+    script.write_text(WARM_WORKERS_SCRIPT)
+    root = Path(__file__).resolve().parents[2]
+
+    def run(env_extra: dict[str, str]) -> str:
+        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_num_workers_soft_limit")}
+        env.update(env_extra, PYTHONPATH=str(root))
+        done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120,
+                              cwd=root)
+        return next(line for line in done.stdout.splitlines() if line.startswith("SOFT_LIMIT"))
+
+    assert run({}).endswith("KEPT 2 OF 2")
+    # Ray's own default (-1: as many idle workers as CPUs are free, none while actors hold them); a user's value wins
+    assert run({"RAY_num_workers_soft_limit": "-1"}).endswith("KEPT 0 OF 2")
