@@ -1,6 +1,6 @@
 """Merge benchmark: imm-ray merge (local processes and Ray actors) against mergekit's dare_linear and the I/O floor.
 
-Builds, once, a random Qwen2.5-0.5B-shaped bf16 model (494M parameters, two safetensors shards) and a perturbed copy,
+Builds, once, a random Qwen2.5-0.5B-shaped (or ``--shape 1.5b``) bf16 model (two safetensors shards) and a perturbed copy,
 then times whole processes on the same inputs (DARE p = 0.2, α = 0.5, i.e. out = base + 0.5·DARE(ft − base)):
 
 - ``imm-ray merge --workers 1`` and ``--workers 2`` with no Ray running (the default ``--backend auto`` then runs
@@ -14,7 +14,7 @@ Each run is a fresh process; wall time is the median of ``--repeats`` runs; peak
 (VmHWM) of every process in the run's process tree (Ray's raylet, GCS and workers included), polled every 20 ms.
 Figures go to stdout and, between markers, into the "Merge engine" section of docs/benchmarks.md.
 
-Usage: python benchmarks/merge_bench.py [--workdir runs/merge-bench] [--repeats 3] [--no-write]
+Usage: python benchmarks/merge_bench.py [--shape 0.5b|1.5b] [--workdir DIR] [--repeats 3] [--no-write]
        [--mergekit-path DIR]   (mergekit installed with ``pip install --target DIR``, kept out of the venv)
 """
 
@@ -38,20 +38,30 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 DOC = ROOT / "docs" / "benchmarks.md"
-START, END = "<!-- merge-bench:start -->", "<!-- merge-bench:end -->"
 ALPHA, DROP_RATE, SEED = 0.5, 0.2, 0
+# Qwen2.5 shapes (tensor names and sizes as the hub's configs give them); each with issue 10's whole-process goal
+SHAPES = {
+    "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14),
+    "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12),
+}
+WALL_GOAL = {"0.5b": 0.35, "1.5b": 0.5}
 
 
-def build_pair(workdir: Path) -> tuple[Path, Path]:
-    """A random bf16 model with Qwen2.5-0.5B's tensor names and shapes, and a perturbed copy (two shards each)."""
+def markers(shape: str) -> tuple[str, str]:
+    """The 0.5B section keeps its original markers; other shapes get their own."""
+    tag = "merge-bench" if shape == "0.5b" else f"merge-bench-{shape}"
+    return f"<!-- {tag}:start -->", f"<!-- {tag}:end -->"
+
+
+def build_pair(workdir: Path, shape: str = "0.5b") -> tuple[Path, Path]:
+    """A random bf16 model with a Qwen2.5 shape's tensor names and sizes, and a perturbed copy (two shards each)."""
     import torch
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, Qwen2Config
 
     base, finetuned = workdir / "base", workdir / "finetuned"
     config = Qwen2Config(
-        vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-        num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+        vocab_size=151936, **SHAPES[shape], num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
         tie_word_embeddings=True, dtype="bfloat16", architectures=["Qwen2ForCausalLM"],
     )
     if (finetuned / "model.safetensors.index.json").is_file():
@@ -212,7 +222,8 @@ def digest(folder: Path) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--workdir", type=Path, default=ROOT / "runs" / "merge-bench")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="0.5b", help="the Qwen2.5 shape of the pair")
+    parser.add_argument("--workdir", type=Path, default=None, help="default: runs/merge-bench[-SHAPE]")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     parser.add_argument("--mergekit-path", type=Path, default=None,
@@ -221,11 +232,12 @@ def main() -> None:
     mergekit_bin = (args.mergekit_path / "bin" if args.mergekit_path else BIN) / "mergekit-yaml"
     envs = {"mergekit-yaml dare_linear": {"PYTHONPATH": str(args.mergekit_path)}} if args.mergekit_path else {}
     no_ray: dict[str, str] = {}  # the environment is expected not to name a cluster (RAY_ADDRESS unset)
-    base, finetuned = build_pair(args.workdir)
+    workdir = args.workdir or ROOT / "runs" / ("merge-bench" if args.shape == "0.5b" else f"merge-bench-{args.shape}")
+    base, finetuned = build_pair(workdir, args.shape)
     model_bytes = sum(f.stat().st_size for f in base.glob("*.safetensors"))
     moved = 3 * model_bytes  # two models read, one written
-    out = args.workdir / "out"
-    config = args.workdir / "mergekit.yml"
+    out = workdir / "out"
+    config = workdir / "mergekit.yml"
     config.write_text(MERGEKIT_CONFIG.format(base=base, finetuned=finetuned, weight=1 - ALPHA, density=1 - DROP_RATE))
     merge_args = ["merge", "--base", str(base), "--finetuned", str(finetuned), "--out", str(out), "--alpha",
                   str(ALPHA), "--drop-rate", str(DROP_RATE), "--seed", str(SEED)]
@@ -256,10 +268,10 @@ def main() -> None:
                   + (f", merge call {run.merge_seconds:.2f} s" if run.merge_seconds else ""), flush=True)
     shutil.rmtree(out, ignore_errors=True)
     identical = len(set(digests.values())) == 1
-    report = render(results, moved, model_bytes, identical, load_before, load_average())
+    report = render(results, moved, model_bytes, identical, load_before, load_average(), args.shape)
     print(report)
     if not args.no_write:
-        write_section(report)
+        write_section(report, args.shape)
 
 
 def _ray_up() -> str:
@@ -267,7 +279,7 @@ def _ray_up() -> str:
 
 
 def render(results: dict[str, list[Run]], moved: int, model_bytes: int, identical: bool, before: str,
-           after: str) -> str:
+           after: str, shape: str = "0.5b") -> str:
     def median(name: str, field: str) -> float:
         return statistics.median(getattr(run, field) for run in results[name])
 
@@ -295,7 +307,7 @@ def render(results: dict[str, list[Run]], moved: int, model_bytes: int, identica
     call = statistics.median(run.merge_seconds for run in results["merge_models, Ray already up, 2 workers"]
                              if run.merge_seconds)
     goals = [
-        _goal("whole-process wall ≤ 0.35× mergekit", ours_wall, 0.35 * mergekit_wall, "s"),
+        _goal(f"whole-process wall ≤ {WALL_GOAL[shape]}× mergekit", ours_wall, WALL_GOAL[shape] * mergekit_wall, "s"),
         _goal("largest process peak RSS ≤ ¼ mergekit", ours_rss, mergekit_rss / 4, "MiB"),
         _goal("merge call with Ray up ≤ 2× I/O floor", call, 2 * floor, "s"),
         f"- Whole process: {ours_wall:.2f} s with local processes = {ours_wall / mergekit_wall:.2f}× mergekit; "
@@ -308,7 +320,7 @@ def render(results: dict[str, list[Run]], moved: int, model_bytes: int, identica
               "unreliable (multi-threaded runs suffer most); peak RSS is not affected." if busy else "")
     return "\n".join([
         f"Measured {date} on {machine()}; load average (1, 5, 15 min) {before} before, {after} after.{caveat}",
-        f"Inputs: random Qwen2.5-0.5B-shaped bf16 pair ({model_bytes / 1e9:.2f} GB each, two shards); "
+        f"Inputs: random Qwen2.5-{shape.upper()}-shaped bf16 pair ({model_bytes / 1e9:.2f} GB each, two shards); "
         f"DARE p = {DROP_RATE}, α = {ALPHA}; GB/s = (two models read + one written) / time. "
         f"imm-ray outputs for 1 and 2 local workers and 2 Ray workers bit-identical: {'yes' if identical else 'NO'}.",
         "",
@@ -323,12 +335,17 @@ def _goal(name: str, value: float, limit: float, unit: str) -> str:
     return f"- {name}: {value:.2f} {unit} against a limit of {limit:.2f} {unit}: {verdict}."
 
 
-def write_section(report: str) -> None:
-    """Replace only this benchmark's part of docs/benchmarks.md (other sections belong to other benchmarks)."""
-    body = f"{START}\n{report}\n{END}"
+def write_section(report: str, shape: str = "0.5b") -> None:
+    """Replace only this benchmark's part of docs/benchmarks.md (other sections belong to other benchmarks); a shape
+    measured for the first time goes after the 0.5B figures."""
+    start, end = markers(shape)
+    body = f"{start}\n{report}\n{end}"
+    first_end = markers("0.5b")[1]
     text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    if START in text and END in text:
-        text = text[: text.index(START)] + body + text[text.index(END) + len(END):]
+    if start in text and end in text:
+        text = text[: text.index(start)] + body + text[text.index(end) + len(end):]
+    elif shape != "0.5b" and first_end in text:
+        text = text.replace(first_end, f"{first_end}\n\n{body}", 1)
     elif "## Merge engine" in text:
         text = text.replace("## Merge engine\n", f"## Merge engine\n\n{body}\n", 1)
     else:
