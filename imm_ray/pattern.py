@@ -113,7 +113,7 @@ def summary(checks: list[Check]) -> str:
     failed = [c.criterion.name for c in checks if c.verdict in ("fails", "not met: not resolved")]
     point = [c.criterion.name for c in checks if c.verdict == "holds on the point only"]
     seeds = min(c.seeds or 0 for c in checks)
-    pooled = f"pooled over {seeds} seeds" if seeds > 1 else "on one seed (the criteria are stated pooled over seeds)"
+    pooled = f"pooled over {seeds} seeds" if seeds > 1 else "one seed; the criteria are stated pooled over seeds"
     if failed:
         return (f"The pattern is NOT shown by this run ({pooled}): {', '.join(failed)} not met"
                 + (f"; {', '.join(point)} on the point only." if point else "."))

@@ -65,3 +65,12 @@ def test_a_missing_comparison_is_not_measured_not_failed():
     assert [c.verdict for c in checks] == ["not measured", "not measured", "holds on the point only",
                                            "not measured"]
     assert "Not every criterion could be measured" in pattern.summary(checks)
+
+
+def test_one_seed_is_said_to_be_short_of_the_pooled_criteria():
+    frame = _frame([("STaR · SFT_2", "Base", "toy_id", 3.0, 1.0, 5.0),
+                    ("STaR · SFT_2", "Base", "OOD mean", -3.0, -5.0, -1.0),
+                    ("IMM · Merge_2", "Base", "toy_id", 3.0, 1.0, 5.0),
+                    ("IMM · Merge_2", "STaR · SFT_2", "OOD mean", 3.0, 1.0, 5.0)]).assign(seeds=1)
+    assert pattern.summary(pattern.check(frame, LABELS, SETS, k=1)) == (
+        "Every criterion holds with a resolved interval (one seed; the criteria are stated pooled over seeds).")
