@@ -1,7 +1,8 @@
 """Merge benchmark: imm-ray merge (local processes and Ray actors) against mergekit's dare_linear and the I/O floor.
 
-Builds, once, a random Qwen2.5-0.5B-shaped (or ``--shape 1.5b``) bf16 model (two safetensors shards) and a perturbed copy,
-then times whole processes on the same inputs (DARE p = 0.2, α = 0.5, i.e. out = base + 0.5·DARE(ft − base)):
+Builds, once, a random Qwen2.5-0.5B-shaped (or ``--shape 1.5b``) bf16 model (two safetensors shards) and a
+perturbed copy, then times whole processes on the same inputs (DARE p = 0.2, α = 0.5, i.e.
+out = base + 0.5·DARE(ft − base)):
 
 - ``imm-ray merge --workers 1`` and ``--workers 2`` with no Ray running (the default ``--backend auto`` then runs
   the engine in this process / 2 local processes), and ``--backend ray --workers 2`` (a local Ray started and
@@ -61,7 +62,8 @@ def build_pair(workdir: Path, shape: str = "0.5b") -> tuple[Path, Path]:
 
     base, finetuned = workdir / "base", workdir / "finetuned"
     config = Qwen2Config(
-        vocab_size=151936, **SHAPES[shape], num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+        vocab_size=151936, **SHAPES[shape], num_key_value_heads=2, max_position_embeddings=32768,
+        rope_theta=1_000_000.0, rms_norm_eps=1e-6,
         tie_word_embeddings=True, dtype="bfloat16", architectures=["Qwen2ForCausalLM"],
     )
     if (finetuned / "model.safetensors.index.json").is_file():
@@ -307,7 +309,8 @@ def render(results: dict[str, list[Run]], moved: int, model_bytes: int, identica
     call = statistics.median(run.merge_seconds for run in results["merge_models, Ray already up, 2 workers"]
                              if run.merge_seconds)
     goals = [
-        _goal(f"whole-process wall ≤ {WALL_GOAL[shape]}× mergekit", ours_wall, WALL_GOAL[shape] * mergekit_wall, "s"),
+        _goal(f"whole-process wall ≤ {WALL_GOAL[shape]}× mergekit", ours_wall, WALL_GOAL[shape] * mergekit_wall,
+              "s"),
         _goal("largest process peak RSS ≤ ¼ mergekit", ours_rss, mergekit_rss / 4, "MiB"),
         _goal("merge call with Ray up ≤ 2× I/O floor", call, 2 * floor, "s"),
         f"- Whole process: {ours_wall:.2f} s with local processes = {ours_wall / mergekit_wall:.2f}× mergekit; "

@@ -59,10 +59,10 @@ class Check:
     seeds: int | None = None
 
 
-def judge(criterion: Criterion, difference: float, low: float, high: float) -> Verdict:
-    """The verdict of one criterion from A − B and its 95% interval."""
+def judge(criterion: Criterion, difference: float, resolved: bool) -> Verdict:
+    """The verdict of one criterion from A − B and whether its 95% interval excludes 0 (the comparison's
+    ``resolved``, imm_ray.stats.Estimate.resolved)."""
     right_side = difference > 0 if criterion.side == "above" else difference < 0
-    resolved = low > 0 or high < 0
     if not right_side:
         return "fails"
     if resolved:
@@ -79,7 +79,7 @@ def check(frame: pd.DataFrame, labels: Mapping[str, str], sets: Mapping[Where, s
         if row is None:
             checks.append(Check(criterion, "not measured"))
             continue
-        checks.append(Check(criterion, judge(criterion, row["difference"], row["low"], row["high"]),
+        checks.append(Check(criterion, judge(criterion, row["difference"], bool(row["resolved"])),
                             float(row["difference"]), float(row["low"]), float(row["high"]), int(row["seeds"])))
     return checks
 

@@ -7,6 +7,7 @@ import pytest
 
 from imm_ray import pattern
 from imm_ray.pattern import CRITERIA, Criterion, judge
+from imm_ray.stats import Estimate
 
 ABOVE = Criterion("x", "imm", "base", "id", "above", must_resolve=False)
 BELOW = Criterion("y", "vanilla", "base", "ood", "below", must_resolve=False)
@@ -26,7 +27,7 @@ RESOLVED_ABOVE = Criterion("z", "imm", "vanilla", "ood", "above", must_resolve=T
     (RESOLVED_ABOVE, -4.8, -10.0, +0.2, "fails"),
 ])
 def test_judge(criterion, difference, low, high, verdict):
-    assert judge(criterion, difference, low, high) == verdict
+    assert judge(criterion, difference, Estimate(difference, low, high, "").resolved) == verdict
 
 
 def test_the_criteria_are_the_ones_fixed_in_docs_toy_world():
@@ -36,8 +37,8 @@ def test_the_criteria_are_the_ones_fixed_in_docs_toy_world():
 
 
 def _frame(rows):
-    return pd.DataFrame([{"k": 1, "a": a, "b": b, "set": s, "difference": d, "low": lo, "high": hi, "seeds": 3}
-                         for a, b, s, d, lo, hi in rows])
+    return pd.DataFrame([{"k": 1, "a": a, "b": b, "set": s, "difference": d, "low": lo, "high": hi,
+                          "resolved": Estimate(d, lo, hi, "").resolved, "seeds": 3} for a, b, s, d, lo, hi in rows])
 
 
 LABELS = {"imm": "IMM · Merge_2", "vanilla": "STaR · SFT_2", "base": "Base"}
