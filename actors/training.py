@@ -19,6 +19,7 @@ Ray Train run by the stage's fingerprint, so the same run is found again). The d
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,14 @@ from actors.sft.job import TRAINING_LOG, SFTJob, step_file, storage_uri
 from imm_ray.progress import ProgressFn, follow_steps
 
 __all__ = ["SFTJob", "run_sft", "storage_uri"]
+
+# Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default) and sees that
+# training ended only at a poll: 3.9-4.8 s from the saved model to `fit` returning, in every toy SFT stage of about
+# 25 s (docs/benchmarks.md). Ray Train passes the variable on to its controller when the driver sets it
+# (ENV_VARS_TO_PROPAGATE in Ray 2.60's ray.train.v2 constants; read from the code, it is not in Ray's docs; a test
+# fails if an upgrade renames it). A value the user set wins.
+POLL_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+POLL_INTERVAL_S = "0.25"
 
 
 def run_sft(job: SFTJob, progress: ProgressFn | None = None) -> dict[str, Any]:
@@ -42,6 +51,7 @@ def run_sft(job: SFTJob, progress: ProgressFn | None = None) -> dict[str, Any]:
         raise FileExistsError(f"SFT output folder already exists: {job.output_dir}")
     from actors.sft.worker import train_worker  # the worker's imports (deepspeed, torch) stay out of the driver
 
+    os.environ.setdefault(POLL_INTERVAL_ENV, POLL_INTERVAL_S)
     workers = (job.min_workers, job.num_workers) if job.min_workers else job.num_workers
     trainer = TorchTrainer(
         train_worker,

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from imm_ray.tokens import encode_pair
 from actors.sft.checkpoint import PROGRESS_FILE, Progress
-from actors.training import SFTJob, run_sft
+from actors.training import POLL_INTERVAL_ENV, SFTJob, run_sft
 from imm_ray.tokens import IGNORE_INDEX
 from tiny_model import build_tokenizer
 
@@ -23,6 +23,15 @@ def test_labels_mask_the_prompt_and_end_with_eos():
     assert ids[-1] == tokenizer.eos_token_id
     short_ids, short_labels = encode_pair(tokenizer, "Instruction: 3 + 4?", "3 + 4 = 7", max_length=5)
     assert len(short_ids) == len(short_labels) == 5
+
+
+def test_the_poll_interval_is_the_variable_ray_train_reads_and_passes_on_to_its_controller():
+    """run_sft shortens Ray Train's controller poll through an environment variable read from Ray's code (not its
+    docs): an upgrade that renames it or stops passing it on must fail here, not slow every SFT stage silently."""
+    from ray.train.v2._internal import constants
+
+    assert POLL_INTERVAL_ENV == constants.HEALTH_CHECK_INTERVAL_S_ENV_VAR
+    assert POLL_INTERVAL_ENV in constants.ENV_VARS_TO_PROPAGATE
 
 
 def test_ray_train_deepspeed_sft_learns_the_response(ray_cluster, tiny_model, tmp_path):
