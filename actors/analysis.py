@@ -9,7 +9,9 @@ gradients of its layer matrices). The task runs the same functions as ``imm-ray 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
+
 import pandas as pd
 
 from imm_ray.analysis_resources import AnalysisResources
@@ -19,26 +21,34 @@ def _task_options(resources: AnalysisResources) -> dict[str, float]:
     return {"num_cpus": resources.cpus, "num_gpus": 1 if resources.device == "cuda" else 0}
 
 
-def _threads(resources: AnalysisResources) -> None:
+@contextlib.contextmanager
+def _threads(resources: AnalysisResources) -> Iterator[None]:
+    """torch threads for the CPUs Ray gave the task, no more; restored after, as the task's worker process is kept
+    and runs the next stages' generation tasks on their own thread count."""
     import torch
 
-    torch.set_num_threads(max(1, int(resources.cpus)))  # the CPUs Ray gave the task, no more
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(resources.cpus)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _analyze(base: str, model: str, pairs: Sequence[tuple[str, str]],
              resources: AnalysisResources) -> tuple[pd.DataFrame, pd.DataFrame]:
     from imm_ray.analysis import weight_change
 
-    _threads(resources)
-    return weight_change(base, model), _importance(model, pairs, resources)
+    with _threads(resources):
+        return weight_change(base, model), _importance(model, pairs, resources)
 
 
 def _importance(model: str, pairs: Sequence[tuple[str, str]], resources: AnalysisResources) -> pd.DataFrame:
     from imm_ray.analysis import layer_importance
 
-    _threads(resources)
-    return layer_importance(model, list(pairs), batch_size=resources.batch_size, device=resources.device,
-                            progress=False)
+    with _threads(resources):
+        return layer_importance(model, list(pairs), batch_size=resources.batch_size, device=resources.device,
+                                progress=False)
 
 
 def analyze_model(base: str, model: str, pairs: Sequence[tuple[str, str]],

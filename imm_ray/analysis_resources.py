@@ -29,8 +29,10 @@ class AnalysisResources(BaseModel):
 
 
 def analysis_resources(config: ExperimentConfig) -> AnalysisResources:
-    """eval.analysis_device (auto: a GPU when resources.use_gpu), with the CPUs of one SFT worker."""
+    """eval.analysis_device (auto: a GPU when resources.use_gpu), with eval.analysis_cpus CPUs (default: those of
+    one SFT worker)."""
     device = config.eval.analysis_device
     on_gpu = device == "cuda" or (device == "auto" and config.resources.use_gpu)
-    return AnalysisResources(device="cuda" if on_gpu else "cpu", cpus=config.resources.cpus_per_sft_worker,
+    cpus = config.eval.analysis_cpus or config.resources.cpus_per_sft_worker
+    return AnalysisResources(device="cuda" if on_gpu else "cpu", cpus=cpus,
                              batch_size=GPU_BATCH if on_gpu else CPU_BATCH)

@@ -180,6 +180,9 @@ class EvalSection(_Section):
     # It holds the model and its layer gradients in float32 (imm-ray plan shows the memory; a 7B model needs more
     # than one 40 GB GPU, so the Llama-2-7B configs say cpu).
     analysis_device: Literal["auto", "cpu", "cuda"] = "auto"
+    # the CPUs the analysis task asks Ray for and computes with (torch threads); None: those of one SFT worker.
+    # More than one node has would leave the task waiting for a node that never comes.
+    analysis_cpus: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _k_within_samples(self) -> EvalSection:
@@ -198,6 +201,9 @@ class ResourcesSection(_Section):
     use_gpu: bool = False
     merge_workers: int = Field(2, ge=1)
     sft_max_failures: int = Field(0, ge=-1)
+    # (seed, strategy) chains the loop runs at once; their stages share the cluster and Ray queues what does not
+    # fit. No stage reads it, so no result depends on it (imm_ray/loop.py).
+    concurrent_chains: int = Field(1, ge=1)
 
 
 class SweepSection(_Section):

@@ -15,6 +15,7 @@ import contextlib
 import io
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -62,7 +63,8 @@ class RunView:
     """The console of one command: header, sections, one line per finished stage, live progress of the current one.
 
     ``live`` None: a live bar exactly when the console is a terminal and ``verbose`` is off (with ``--verbose``
-    Ray's own output shares the console, which a redrawn bar would garble).
+    Ray's own output shares the console, which a redrawn bar would garble). Stages may run at once (the loop's
+    concurrent chains, each in its own thread): each has its own bar in one live display.
     """
 
     def __init__(self, console: Console | None = None, *, verbose: bool = False, live: bool | None = None) -> None:
@@ -74,7 +76,10 @@ class RunView:
         self.stages_total: int | None = None  # stages the run declares (set once planned)
         self.stages_seen = 0
         self.counts = {"computed": 0, "reused": 0}
-        self._bar: Progress | None = None
+        self._bar: Progress | None = None  # the running stages' bars, while one runs
+        self._live: Live | None = None
+        self._running = 0
+        self._lock = threading.RLock()  # counts and the live display, shared by the threads of concurrent stages
 
     # ---- lines ---------------------------------------------------------------------------------------------
     def line(self, text: str, style: str | None = None) -> None:
@@ -100,15 +105,17 @@ class RunView:
 
     # ---- stages --------------------------------------------------------------------------------------------
     def reused(self, what: str, seconds: float | None) -> None:
-        self.stages_seen += 1
-        self.counts["reused"] += 1
+        with self._lock:
+            self.stages_seen += 1
+            self.counts["reused"] += 1
         took = f" (computed in {seconds:.1f} s)" if seconds is not None else ""
         self.line(f"  = {what}: reused{took}", style="dim")
 
     @contextlib.contextmanager
     def stage(self, what: str) -> Iterator[ProgressFn]:
         """A stage being computed: yields the progress callback its work reports to; prints the outcome after."""
-        self.stages_seen += 1
+        with self._lock:
+            self.stages_seen += 1
         started = time.monotonic()
         if not self.live:
             self.line(f"  > {what} ...")
@@ -120,27 +127,38 @@ class RunView:
         except BaseException:
             self.line(f"  x {what}: failed after {time.monotonic() - started:.1f} s", style="bold red")
             raise
-        self.counts["computed"] += 1
+        with self._lock:
+            self.counts["computed"] += 1
         self.line(f"  + {what}: computed in {time.monotonic() - started:.1f} s", style="green")
 
     @contextlib.contextmanager
     def _live_bar(self, what: str) -> Iterator[object | None]:
-        """The stage's bar above the run's status line, redrawn in place and removed when the stage ends."""
+        """The stage's bar above the run's status line, redrawn in place and removed when the stage ends; the
+        display itself lasts while any stage runs."""
         if not self.live:
             yield None
             return
-        bar = Progress(
-            SpinnerColumn(), TextColumn("{task.description}"), BarColumn(bar_width=14), _CountColumn(),
-            TimeElapsedColumn(), _EtaColumn(), console=self.console,
-        )
-        task = bar.add_task(escape(what), total=None, unit="")
-        self._bar = bar
+        with self._lock:
+            if self._bar is None:
+                self._bar = Progress(
+                    SpinnerColumn(), TextColumn("{task.description}"), BarColumn(bar_width=14), _CountColumn(),
+                    TimeElapsedColumn(), _EtaColumn(), console=self.console,
+                )
+                self._live = Live(Group(self._bar, _Status(self)), console=self.console, transient=True,
+                                  refresh_per_second=4, redirect_stdout=False, redirect_stderr=False)
+                self._live.start()
+            task = self._bar.add_task(escape(what), total=None, unit="")
+            self._running += 1
         try:
-            with Live(Group(bar, _Status(self)), console=self.console, transient=True, refresh_per_second=4,
-                      redirect_stdout=False, redirect_stderr=False):
-                yield task
+            yield task
         finally:
-            self._bar = None
+            with self._lock:
+                self._running -= 1
+                if self._running == 0:  # the last bar is drawn once more as the display closes
+                    self._live.stop()
+                    self._bar, self._live = None, None
+                else:
+                    self._bar.remove_task(task)
 
     def status_text(self) -> str:
         total = f" of {self.stages_total}" if self.stages_total else ""
@@ -148,8 +166,9 @@ class RunView:
                 f"{self.counts['computed']} computed, {self.counts['reused']} reused")
 
     def progress(self, reporter: _StageReporter, tick: Tick) -> None:
-        if self._bar is not None and reporter.task is not None:
-            self._bar.update(reporter.task, completed=tick.done, total=tick.total, unit=tick.unit, note=tick.note)
+        bar = self._bar
+        if bar is not None and reporter.task is not None:
+            bar.update(reporter.task, completed=tick.done, total=tick.total, unit=tick.unit, note=tick.note)
             return
         if not tick.total:
             return

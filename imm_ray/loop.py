@@ -9,6 +9,13 @@ rerun, and a stage two strategies share (iteration 0's generation and SFT) is co
 Each stage is a declaration (imm_ray/steps.py) whose fingerprint follows from what it reads. With several
 ``experiment.seeds`` the whole experiment runs once per seed (``<run>/seed_<s>/<strategy>/iter_<t>/``); the base
 model's evaluation reads no seed, so it is one stage shared by every seed.
+
+Each (seed, strategy) pair is a chain of stages that reads nothing of the other chains but the stages they share.
+``resources.concurrent_chains`` of them run at once, each in a driver thread, so that a cluster's GPUs, or a small
+machine's cores idle between short stages, take the next chain's work; Ray queues what does not fit. A stage that
+two running chains declare is computed by the first and reused by the second (one lock per stage). The report
+lists the chains in the order of the config whatever order they finished in, and no stage reads the setting, so
+results are the same for any value.
 """
 
 from __future__ import annotations
@@ -16,8 +23,10 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+import threading
 import time
 import traceback
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,6 +75,10 @@ class StageEvent:
 
 HISTORY_FILE = "history.jsonl"  # one line per invocation of the run: start, end, wall time, what it computed
 LOGS = "logs"  # <run>/logs/: the driver's other output, Ray's session logs (linked), stage tracebacks
+
+
+class ChainStopped(RuntimeError):
+    """A chain that stopped before its next stage because another chain's stage failed."""
 
 
 class StageError(RuntimeError):
@@ -166,6 +179,10 @@ class IterationLoop:
         self.prepared: PreparedRun | None = None
         self.events: list[StageEvent] = []
         self.planning = False  # True: declare and record stages, run none (see plan)
+        self._stage_locks: dict[str, threading.Lock] = {}  # one per stage: chains that share it wait, then reuse
+        self._locks_guard = threading.Lock()
+        self._stop = threading.Event()  # set when a chain's stage failed: the other chains start no new stage
+        self._chain_section = threading.local()  # concurrent chains: the section a chain's stage lines are in
 
     # ---- the loop ---------------------------------------------------------------------------------------
     def run(self) -> RunResult:
@@ -227,10 +244,47 @@ class IterationLoop:
         base = _external(self.prepared.base)
         self._section("Base model (one evaluation, shared by every strategy and seed)")
         base_eval = self.evaluate(base, self.run_dir / "base" / "eval")
-        for seed in self.config.experiment.seeds:
+        exp = self.config.experiment
+        chains = [(STRATEGIES[name], seed) for seed in exp.seeds for name in exp.strategies]
+        entries = iter(self._run_chains(chains, base))
+        for seed in exp.seeds:
             result.evaluations.append(EvalEntry("base", None, "base", base_eval, seed=seed))
-            for name in self.config.experiment.strategies:
-                result.evaluations.extend(self.run_strategy(STRATEGIES[name], base, seed))
+            for _ in exp.strategies:
+                result.evaluations.extend(next(entries))
+
+    def _run_chains(self, chains: list[tuple[StrategySpec, int]], base: ExternalModel) -> list[list[EvalEntry]]:
+        """Every chain's evaluated models, in the order of ``chains``; ``resources.concurrent_chains`` at once.
+
+        The first stage that fails stops the run: the other chains finish the stage they are in (it is kept)
+        and start no other, and its error is raised."""
+        lanes = 1 if self.planning else min(self.config.resources.concurrent_chains, len(chains))
+        if lanes == 1:
+            return [self.run_strategy(strategy, base, seed) for strategy, seed in chains]
+        pool = ThreadPoolExecutor(lanes, thread_name_prefix="chain")
+        # started strategy by strategy, seed by seed: the chains that run first share no stage (the strategies of
+        # a seed share iteration 0, and one chain would wait for the other's)
+        names = [strategy.name for strategy, _ in chains]
+        started = sorted(range(len(chains)), key=lambda i: (names.index(names[i]), i))
+        submitted = {i: pool.submit(self.run_strategy, chains[i][0], base, chains[i][1]) for i in started}
+        futures = [submitted[i] for i in range(len(chains))]
+        try:
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            failed = [f for f in futures if f in done and f.exception() is not None]
+            if failed:
+                self._stop.set()
+                wait([f for f in futures if not f.cancel()])
+                errors = [f.exception() for f in failed]
+                raise next((e for e in errors if not isinstance(e, ChainStopped)), errors[0])
+            return [f.result() for f in futures]
+        except BaseException:  # KeyboardInterrupt too: no chain starts another stage
+            self._stop.set()
+            raise
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def _concurrent(self) -> bool:
+        return not self.planning and self.config.resources.concurrent_chains > 1
 
     def seed_dir(self, seed: int) -> Path:
         return self.run_dir / f"seed_{seed}"
@@ -325,16 +379,27 @@ class IterationLoop:
 
     # ---- plumbing ---------------------------------------------------------------------------------------
     def _run(self, step: Step, link: Path, what: str) -> Path:
-        done = self.store.is_done(step.kind, step.fingerprint)
         if self.planning:
+            done = self.store.is_done(step.kind, step.fingerprint)
             final = self.store.folder(step.kind, step.fingerprint)
             stale = link.is_symlink() and link.resolve() != final.resolve()
             self._record(step, link, what, "done" if done else "pending (inputs changed)" if stale else "pending")
             return final
-        if done:
+        if self._stop.is_set():
+            raise ChainStopped(f"{what}: not started, another chain's stage failed")
+        if self._concurrent:
+            what = f"{getattr(self._chain_section, 'text', '')} · {what}".lstrip(" ·")
+        with self._stage_lock(step.fingerprint):
+            return self._run_once(step, link, what)
+
+    def _stage_lock(self, stage_fingerprint: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._stage_locks.setdefault(stage_fingerprint, threading.Lock())
+
+    def _run_once(self, step: Step, link: Path, what: str) -> Path:
+        if self.store.is_done(step.kind, step.fingerprint):
             folder = run_step(self.store, step, link)
-            self._record(step, link, what, "reused")
-            self.view.reused(what, self.events[-1].seconds)
+            self.view.reused(what, self._record(step, link, what, "reused").seconds)
             return folder
         with self.view.stage(what) as progress, reporting(progress):
             try:
@@ -349,13 +414,21 @@ class IterationLoop:
         file = self.run_dir / LOGS / f"{step.kind}-{step.fingerprint[:12]}.traceback.txt"
         return stage_error(f"stage {where} ({what})", error, file)
 
-    def _record(self, step: Step, link: Path, what: str, status: str) -> None:
+    def _record(self, step: Step, link: Path, what: str, status: str) -> StageEvent:
         record = read_record(self.store.folder(step.kind, step.fingerprint)) or {}
-        self.events.append(StageEvent(str(link.relative_to(self.run_dir)), step.kind, step.fingerprint, what, status,
-                                      record.get("seconds")))
+        event = StageEvent(str(link.relative_to(self.run_dir)), step.kind, step.fingerprint, what, status,
+                           record.get("seconds"))
+        self.events.append(event)
+        return event
 
     def _section(self, text: str) -> None:
-        if not self.planning:
+        """A section line; with concurrent chains, whose lines would interleave, each stage line names its section
+        instead (the base's section, before the chains start, is still printed)."""
+        if self.planning:
+            return
+        if self._concurrent and threading.current_thread() is not threading.main_thread():
+            self._chain_section.text = text
+        else:
             self.view.section(text)
 
 
@@ -379,5 +452,5 @@ def _mix(seed: int, iteration: int) -> int:
     return int(fingerprint({"seed": seed, "iteration": iteration})[:8], 16)
 
 
-__all__ = ["IterationLoop", "NoCorrectSamplesError", "RunResult", "EvalEntry", "ModelRef", "StageEvent", "model_path",
+__all__ = ["ChainStopped", "IterationLoop", "NoCorrectSamplesError", "RunResult", "EvalEntry", "ModelRef", "StageEvent", "model_path",
            "read_history"]

@@ -226,7 +226,8 @@ def check_memory(config: ExperimentConfig) -> None:
 
 
 def check_resources(config: ExperimentConfig) -> None:
-    """The cluster must hold the largest single request of any stage (stages run one at a time)."""
+    """The cluster must hold the largest single request of any stage (Ray queues what does not fit beside the
+    stages of other chains running at once, but a request larger than the cluster would wait forever)."""
     available = cluster_capacity()
     res = config.resources
     cpus = available.get("CPU", 0)
@@ -235,6 +236,7 @@ def check_resources(config: ExperimentConfig) -> None:
         "resources.generation_actors × cpus_per_generation_actor": res.generation_actors * res.cpus_per_generation_actor,
         "resources.sft_workers × cpus_per_sft_worker": (res.sft_min_workers or res.sft_workers) * res.cpus_per_sft_worker,
         "resources.merge_workers": res.merge_workers,
+        "eval.analysis_cpus": config.eval.analysis_cpus or 0,
     }
     for field, need in needs.items():
         if need > cpus:

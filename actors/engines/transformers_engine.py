@@ -92,6 +92,8 @@ class TransformersEngine(GenerationEngine):
 
     @torch.inference_mode()
     def generate(self, prompts: Sequence[str], request: SamplingRequest) -> list[list[str]]:
+        # a kept task worker process also runs other stages' tasks (the layer analysis, on more threads)
+        torch.set_num_threads(self.spec.threads)
         ids = [encode_prompt(self.tokenizer, prompt) for prompt in prompts]  # as SFT and the analysis encode them
         encoded = self.tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt").to(self.device)
         torch.manual_seed(request.seed)

@@ -39,3 +39,18 @@ def test_task_equals_in_process(ray_cluster, models):
 def test_analysis_error_in_the_task_reaches_the_driver_as_itself(ray_cluster, models, tmp_path):
     with pytest.raises(AnalysisError, match="no safetensors|holds no"):
         model_importance(str(tmp_path), PAIRS, AnalysisResources())
+
+
+def test_the_analysis_gives_back_the_worker_process_threads(models):
+    """A task worker process is kept and runs the next stage's generation tasks: an analysis on 2 CPUs must not
+    leave it at 2 torch threads (generation on one CPU would then compete for both cores)."""
+    from actors.analysis import _analyze
+
+    base, tuned = models
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _analyze(base, tuned, PAIRS, AnalysisResources(cpus=2))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)

@@ -91,3 +91,28 @@ def test_output_to_sends_the_process_output_to_the_log_and_keeps_the_console(tmp
     assert done.stderr == ""
     log = (tmp_path / "logs" / "driver.log").read_text().splitlines()
     assert log == ["python print", "fd one", "fd two"]
+
+
+def test_stages_running_at_once_share_one_live_display():
+    """The loop's concurrent chains compute stages in threads at once: one display holds a bar per stage (rich
+    allows one live display at a time), and each stage still prints its outcome."""
+    import threading
+
+    out = io.StringIO()
+    view = RunView(Console(file=out, force_terminal=True, width=100))
+    both_running = threading.Barrier(2, timeout=10)
+
+    def stage(what: str) -> None:
+        with view.stage(what) as progress:
+            progress(Tick(1, 2, "samples"))
+            both_running.wait()
+            progress(Tick(2, 2, "samples"))
+
+    threads = [threading.Thread(target=stage, args=(what,)) for what in ("seed 0 · generate", "seed 1 · evaluate")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=20)
+    text = out.getvalue()
+    assert "+ seed 0 · generate: computed in" in text and "+ seed 1 · evaluate: computed in" in text
+    assert view.counts["computed"] == 2 and view._live is None  # the display is gone with the last stage

@@ -1,12 +1,17 @@
+import io
+import time
+
 import pandas as pd
 import pytest
 import ray
+from rich.console import Console
 
 from imm_ray.config import load_config
+from imm_ray.console import RunView
 from imm_ray.data.prompts import build_prompt
 from imm_ray.loop import IterationLoop, StageError
 from imm_ray.stages import Step
-from imm_ray.strategies import kept_pairs
+from imm_ray.strategies import STRATEGIES, kept_pairs
 
 
 def test_run_dir_is_absolute_even_for_a_relative_output_dir(tmp_path, monkeypatch):
@@ -72,3 +77,91 @@ def test_a_stage_error_keeps_its_cause_across_processes(tmp_path):
     again = pickle.loads(pickle.dumps(error))  # as a sweep trial's Ray task returns it
     assert str(again) == str(error) and isinstance(again.cause, NoCorrectSamplesError)
     assert again.traceback_file == error.traceback_file
+
+
+# ---- concurrent chains: order, one computation of a shared stage, the first failure stops the run -----------------
+class _SlowStep(Step):
+    """A stage that takes ``seconds`` and writes its name, or raises."""
+
+    kind = "slow"
+    name: str
+    seconds: float = 0.3
+    fail: bool = False
+
+    def run(self, out, store):
+        time.sleep(self.seconds)
+        if self.fail:
+            raise ValueError(f"{self.name} went wrong")
+        out.mkdir(parents=True)
+        (out / "name.txt").write_text(self.name)
+        return {}
+
+
+def _concurrent_loop(tmp_path, lanes: int = 2) -> IterationLoop:
+    config = load_config(None, [f"experiment.output_dir={tmp_path}", "experiment.name=chains",
+                                f"resources.concurrent_chains={lanes}"])
+    return IterationLoop(config, console=RunView(Console(file=io.StringIO(), force_terminal=False)))
+
+
+def _chains(count: int) -> list:
+    return [(STRATEGIES["imm"], seed) for seed in range(count)]
+
+
+def test_concurrent_chains_run_at_once_and_come_back_in_the_order_of_the_config(tmp_path, monkeypatch):
+    loop = _concurrent_loop(tmp_path)
+    running, most = set(), []
+
+    def chain(strategy, base, seed):
+        running.add(seed)
+        most.append(len(running))
+        time.sleep(0.3 - 0.1 * seed)  # later chains finish first
+        running.discard(seed)
+        return [f"entries of seed {seed}"]
+
+    monkeypatch.setattr(loop, "run_strategy", chain)
+    assert loop._run_chains(_chains(3), None) == [["entries of seed 0"], ["entries of seed 1"], ["entries of seed 2"]]
+    assert max(most) == 2  # two lanes: never a third chain at once
+
+
+def test_a_stage_two_running_chains_declare_is_computed_once_and_reused_by_the_other(tmp_path, monkeypatch):
+    loop = _concurrent_loop(tmp_path)
+    shared = _SlowStep(name="iteration 0's generation", seconds=0.5)
+
+    def chain(strategy, base, seed):
+        return [loop._run(shared, loop.seed_dir(seed) / "generate", "generate")]
+
+    monkeypatch.setattr(loop, "run_strategy", chain)
+    [first], [second] = loop._run_chains(_chains(2), None)
+    assert first == second and (first / "name.txt").read_text() == "iteration 0's generation"
+    assert sorted(e.status for e in loop.events) == ["computed", "reused"]
+
+
+def test_the_first_failed_stage_stops_the_other_chains_and_its_error_is_raised(tmp_path, monkeypatch):
+    loop = _concurrent_loop(tmp_path)
+
+    def chain(strategy, base, seed):
+        where = loop.seed_dir(seed)
+        first = loop._run(_SlowStep(name=f"seed {seed} stage 1", seconds=0.1 if seed else 0.6, fail=seed == 1),
+                          where / "one", "stage one")
+        return [first, loop._run(_SlowStep(name=f"seed {seed} stage 2"), where / "two", "stage two")]
+
+    monkeypatch.setattr(loop, "run_strategy", chain)
+    with pytest.raises(StageError, match="seed 1 stage 1 went wrong"):
+        loop._run_chains(_chains(2), None)
+    assert (loop.seed_dir(0) / "one" / "name.txt").is_file()  # the stage running when the other failed is kept
+    assert not (loop.seed_dir(0) / "two").exists()  # and its chain started no other
+
+
+def test_the_chains_that_start_first_share_no_iteration_0(tmp_path, monkeypatch):
+    loop = _concurrent_loop(tmp_path)
+    starts = []
+
+    def chain(strategy, base, seed):
+        starts.append((strategy.name, seed))
+        time.sleep(0.2)
+        return [(strategy.name, seed)]
+
+    monkeypatch.setattr(loop, "run_strategy", chain)
+    chains = [(STRATEGIES[name], seed) for seed in (0, 1) for name in ("imm", "vanilla")]  # the config's order
+    assert loop._run_chains(chains, None) == [[("imm", 0)], [("vanilla", 0)], [("imm", 1)], [("vanilla", 1)]]
+    assert sorted(starts[:2]) == [("imm", 0), ("imm", 1)]

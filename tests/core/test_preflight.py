@@ -53,6 +53,8 @@ def test_an_unreachable_hub_is_asked_once_then_only_the_cache(monkeypatch):
 def test_more_workers_than_cpus_is_refused(ray_cluster):
     with pytest.raises(PreflightError, match=r"resources.sft_workers .* asks for 4 CPUs but the Ray cluster has 2"):
         check_resources(load_config(None, ["resources.sft_workers=4"]))
+    with pytest.raises(PreflightError, match=r"eval.analysis_cpus asks for 3 CPUs but the Ray cluster has 2"):
+        check_resources(load_config(None, ["eval.analysis_cpus=3"]))
     with pytest.raises(PreflightError, match="GPUs"):
         check_resources(load_config(None, ["resources.use_gpu=true"]))
     check_resources(load_config(None))  # the toy default fits a 2-CPU machine

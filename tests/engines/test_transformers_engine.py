@@ -40,6 +40,20 @@ def test_n_samples_per_prompt_in_prompt_order(engine: TransformersEngine) -> Non
     assert all(len(set(samples)) > 1 for samples in got), got
 
 
+def test_each_call_runs_on_the_specs_threads(engine: TransformersEngine) -> None:
+    """A kept task worker process runs other stages' tasks between two of the engine's (the layer analysis sets
+    its own thread count): the engine's calls go back to the spec's."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(engine.spec.threads + 1)
+    try:
+        sample(engine, seed=3, n=1)
+        assert torch.get_num_threads() == engine.spec.threads
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_same_seed_same_samples_other_seed_other_samples(engine: TransformersEngine) -> None:
     first = sample(engine, seed=7)
     assert sample(engine, seed=7) == first

@@ -49,6 +49,11 @@ def _stage_folders(run_dir: Path, kind: str) -> list[Path]:
     return sorted(p for p in (run_dir / "_stages").glob(f"{kind}-*") if p.is_dir())
 
 
+def _stage_names(run_dir: Path) -> list[str]:
+    """kind-fingerprint of every finished stage (not Ray Train's own storage folder, _ray_train)."""
+    return sorted(p.parent.name for p in (run_dir / "_stages").glob(f"*/{RECORD_NAME}"))
+
+
 def _records(run_dir: Path) -> dict[str, dict]:
     return {p.name: json.loads((p / RECORD_NAME).read_text()) for p in (run_dir / "_stages").iterdir()
             if (p / RECORD_NAME).is_file()}
@@ -101,6 +106,24 @@ def test_rerun_reuses_every_stage(finished_run):
     history = read_history(finished_run)
     assert [h["computed"] for h in history] == [len(before), 0]  # the first invocation's work stays on record
     assert "## Run history" in (finished_run / "report.md").read_text()
+
+
+def test_concurrent_chains_compute_the_same_stages_to_the_same_results(finished_run, tmp_path):
+    """IMM and vanilla at once (resources.concurrent_chains=2), each chain in a driver thread: the same stages
+    (fingerprints) as the sequential run, each computed once (iteration 0, which both chains declare, by whichever
+    chain got there first), and the same samples and metrics."""
+    config = load_config(Path("configs/toy.yaml"), [*_overrides(tmp_path), "resources.concurrent_chains=2"])
+    result = IterationLoop(config).run()
+    stages = _stage_names(result.run_dir)
+    assert stages == _stage_names(finished_run)
+    assert sorted(e.fingerprint for e in result.events if e.status == "computed") == sorted(
+        name.split("-", 1)[1] for name in stages)
+    for folder in _stage_folders(result.run_dir, "eval"):
+        before = finished_run / "_stages" / folder.name
+        pd.testing.assert_frame_equal(pd.read_parquet(folder / "samples.parquet"),
+                                      pd.read_parquet(before / "samples.parquet"))
+        assert (folder / "metrics.csv").read_text() == (before / "metrics.csv").read_text()
+    assert (result.run_dir / "report.md").is_file()
 
 
 def test_killed_mid_sft_resumes_from_its_checkpoint_to_the_same_results(finished_run, ray_cluster, tmp_path):
