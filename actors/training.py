@@ -33,9 +33,25 @@ __all__ = ["SFTJob", "run_sft", "storage_uri"]
 # training ended only at a poll: 3.9-4.8 s from the saved model to `fit` returning, in every toy SFT stage of about
 # 25 s (docs/benchmarks.md). Ray Train passes the variable on to its controller when the driver sets it
 # (ENV_VARS_TO_PROPAGATE in Ray 2.60's ray.train.v2 constants; read from the code, it is not in Ray's docs; a test
-# fails if an upgrade renames it). A value the user set wins.
+# fails if an upgrade renames it). A value the user set wins. Elastic runs keep Ray's default: polled every 0.25 s,
+# an elastic group did not grow when a node joined (tests/integration/test_cluster_elastic.py, 2 of 2 takes; it
+# grew at 2 s).
 POLL_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 POLL_INTERVAL_S = "0.25"
+_poll_set_here = False  # whether this process's value of the variable is ours, not the user's
+
+
+def set_controller_poll(job: SFTJob) -> None:
+    """Poll every POLL_INTERVAL_S for a fixed-size run, unless the user set the variable; Ray's default for an
+    elastic run (the variable is read when the controller starts, so it is set before each ``fit``)."""
+    global _poll_set_here
+    if job.min_workers:
+        if _poll_set_here:
+            os.environ.pop(POLL_INTERVAL_ENV, None)
+            _poll_set_here = False
+    elif POLL_INTERVAL_ENV not in os.environ:
+        os.environ[POLL_INTERVAL_ENV] = POLL_INTERVAL_S
+        _poll_set_here = True
 
 
 def run_sft(job: SFTJob, progress: ProgressFn | None = None) -> dict[str, Any]:
@@ -51,7 +67,7 @@ def run_sft(job: SFTJob, progress: ProgressFn | None = None) -> dict[str, Any]:
         raise FileExistsError(f"SFT output folder already exists: {job.output_dir}")
     from actors.sft.worker import train_worker  # the worker's imports (deepspeed, torch) stay out of the driver
 
-    os.environ.setdefault(POLL_INTERVAL_ENV, POLL_INTERVAL_S)
+    set_controller_poll(job)
     workers = (job.min_workers, job.num_workers) if job.min_workers else job.num_workers
     trainer = TorchTrainer(
         train_worker,

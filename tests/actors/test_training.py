@@ -1,5 +1,6 @@
 import json
 import math
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -32,6 +33,23 @@ def test_the_poll_interval_is_the_variable_ray_train_reads_and_passes_on_to_its_
 
     assert POLL_INTERVAL_ENV == constants.HEALTH_CHECK_INTERVAL_S_ENV_VAR
     assert POLL_INTERVAL_ENV in constants.ENV_VARS_TO_PROPAGATE
+
+
+def test_fixed_runs_poll_quickly_elastic_runs_keep_rays_default_and_a_users_value_wins(monkeypatch, tmp_path):
+    from actors import training
+
+    monkeypatch.delenv(POLL_INTERVAL_ENV, raising=False)
+    monkeypatch.setattr(training, "_poll_set_here", False)
+    fixed = SFTJob(model_path="m", data_path="d", output_dir=str(tmp_path / "o"), storage_path=str(tmp_path))
+    elastic = fixed.model_copy(update={"min_workers": 1})
+    training.set_controller_poll(fixed)
+    assert os.environ[POLL_INTERVAL_ENV] == training.POLL_INTERVAL_S
+    training.set_controller_poll(elastic)
+    assert POLL_INTERVAL_ENV not in os.environ
+    monkeypatch.setenv(POLL_INTERVAL_ENV, "1.5")
+    training.set_controller_poll(fixed)
+    training.set_controller_poll(elastic)
+    assert os.environ[POLL_INTERVAL_ENV] == "1.5"
 
 
 def test_ray_train_deepspeed_sft_learns_the_response(ray_cluster, tiny_model, tmp_path):

@@ -26,6 +26,7 @@ TOY = [  # one iteration of IMM on a handful of questions (as tests/integration/
     "experiment.iterations=1", "experiment.strategies=[imm]", "experiment.seeds=[0]", "experiment.name=job",
     "data.train_limit=16", "data.eval_limit=8", "generation.samples_per_question=2", "generation.temperatures=[0.6]",
     "eval.samples=1", "eval.k=[1]", "sft.epochs=1",
+    "eval.analysis_cpus=1",  # the nodes have 1 CPU each (the toy config's 2 would be refused by the memory plan)
 ]
 
 
