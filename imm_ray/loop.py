@@ -265,7 +265,7 @@ class IterationLoop:
         # a seed share iteration 0, and one chain would wait for the other's)
         names = [strategy.name for strategy, _ in chains]
         started = sorted(range(len(chains)), key=lambda i: (names.index(names[i]), i))
-        submitted = {i: pool.submit(self.run_strategy, chains[i][0], base, chains[i][1]) for i in started}
+        submitted = {i: pool.submit(self._chain, chains[i][0], base, chains[i][1]) for i in started}
         futures = [submitted[i] for i in range(len(chains))]
         try:
             done, _ = wait(futures, return_when=FIRST_EXCEPTION)
@@ -281,6 +281,11 @@ class IterationLoop:
             raise
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
+
+    def _chain(self, strategy: StrategySpec, base: ExternalModel, seed: int) -> list[EvalEntry]:
+        """One chain in a thread of its own: its sections label its stage lines (see _section)."""
+        self._chain_section.text = ""
+        return self.run_strategy(strategy, base, seed)
 
     @property
     def _concurrent(self) -> bool:
@@ -426,7 +431,7 @@ class IterationLoop:
         instead (the base's section, before the chains start, is still printed)."""
         if self.planning:
             return
-        if self._concurrent and threading.current_thread() is not threading.main_thread():
+        if self._concurrent and hasattr(self._chain_section, "text"):  # in a chain's thread
             self._chain_section.text = text
         else:
             self.view.section(text)

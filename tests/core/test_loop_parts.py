@@ -128,12 +128,17 @@ def test_a_stage_two_running_chains_declare_is_computed_once_and_reused_by_the_o
     shared = _SlowStep(name="iteration 0's generation", seconds=0.5)
 
     def chain(strategy, base, seed):
+        loop._section(f"IMM · seed {seed} · iteration 0")
         return [loop._run(shared, loop.seed_dir(seed) / "generate", "generate")]
 
     monkeypatch.setattr(loop, "run_strategy", chain)
     [first], [second] = loop._run_chains(_chains(2), None)
     assert first == second and (first / "name.txt").read_text() == "iteration 0's generation"
     assert sorted(e.status for e in loop.events) == ["computed", "reused"]
+    lines = loop.console.file.getvalue().splitlines()  # no section lines: each stage line names its chain
+    assert not any(line.endswith("iteration 0") for line in lines)
+    assert sum("IMM · seed 0 · iteration 0 · generate" in line for line in lines) >= 1
+    assert sum("IMM · seed 1 · iteration 0 · generate" in line for line in lines) >= 1
 
 
 def test_the_first_failed_stage_stops_the_other_chains_and_its_error_is_raised(tmp_path, monkeypatch):
