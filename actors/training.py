@@ -18,9 +18,12 @@ Ray Train run by the stage's fingerprint, so the same run is found again). The d
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,23 +38,33 @@ __all__ = ["SFTJob", "run_sft", "storage_uri"]
 # (ENV_VARS_TO_PROPAGATE in Ray 2.60's ray.train.v2 constants; read from the code, it is not in Ray's docs; a test
 # fails if an upgrade renames it). A value the user set wins. Elastic runs keep Ray's default: polled every 0.25 s,
 # an elastic group did not grow when a node joined (tests/integration/test_cluster_elastic.py, 2 of 2 takes; it
-# grew at 2 s).
+# grew at 2 s). One process's variable is shared by its threads, so an elastic fit started while a fixed one runs
+# beside it (concurrent chains) would get 0.25 s too; a loop's SFT stages are all fixed or all elastic.
 POLL_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 POLL_INTERVAL_S = "0.25"
-_poll_set_here = False  # whether this process's value of the variable is ours, not the user's
+_poll_lock = threading.Lock()
+_poll_fits = 0  # fits running now under this module's value (concurrent chains run fits in threads)
 
 
-def set_controller_poll(job: SFTJob) -> None:
-    """Poll every POLL_INTERVAL_S for a fixed-size run, unless the user set the variable; Ray's default for an
-    elastic run (the variable is read when the controller starts, so it is set before each ``fit``)."""
-    global _poll_set_here
-    if job.min_workers:
-        if _poll_set_here:
-            os.environ.pop(POLL_INTERVAL_ENV, None)
-            _poll_set_here = False
-    elif POLL_INTERVAL_ENV not in os.environ:
-        os.environ[POLL_INTERVAL_ENV] = POLL_INTERVAL_S
-        _poll_set_here = True
+@contextlib.contextmanager
+def controller_poll(job: SFTJob) -> Iterator[None]:
+    """While a fixed-size run's ``fit`` lasts, poll every POLL_INTERVAL_S unless the user set the variable; an
+    elastic run gets Ray's default. The variable is taken out again afterwards, so that processes started later
+    from this one (a test's or a user's) do not inherit it as if a user had set it."""
+    global _poll_fits
+    with _poll_lock:
+        ours = not job.min_workers and (_poll_fits > 0 or POLL_INTERVAL_ENV not in os.environ)
+        if ours:
+            os.environ[POLL_INTERVAL_ENV] = POLL_INTERVAL_S
+            _poll_fits += 1
+    try:
+        yield
+    finally:
+        if ours:
+            with _poll_lock:
+                _poll_fits -= 1
+                if _poll_fits == 0:
+                    os.environ.pop(POLL_INTERVAL_ENV, None)
 
 
 def run_sft(job: SFTJob, progress: ProgressFn | None = None) -> dict[str, Any]:
@@ -67,7 +80,6 @@ def run_sft(job: SFTJob, progress: ProgressFn | None = None) -> dict[str, Any]:
         raise FileExistsError(f"SFT output folder already exists: {job.output_dir}")
     from actors.sft.worker import train_worker  # the worker's imports (deepspeed, torch) stay out of the driver
 
-    set_controller_poll(job)
     workers = (job.min_workers, job.num_workers) if job.min_workers else job.num_workers
     trainer = TorchTrainer(
         train_worker,
@@ -84,7 +96,7 @@ def run_sft(job: SFTJob, progress: ProgressFn | None = None) -> dict[str, Any]:
             checkpoint_config=CheckpointConfig(num_to_keep=1),  # registered only once every rank has uploaded
         ),
     )
-    with follow_steps(step_file(job), progress):
+    with controller_poll(job), follow_steps(step_file(job), progress):
         result = trainer.fit()
     log = Path(job.output_dir) / TRAINING_LOG
     if not (Path(job.output_dir) / "config.json").is_file() or not log.is_file():

@@ -36,19 +36,23 @@ def test_the_poll_interval_is_the_variable_ray_train_reads_and_passes_on_to_its_
 
 
 def test_fixed_runs_poll_quickly_elastic_runs_keep_rays_default_and_a_users_value_wins(monkeypatch, tmp_path):
-    from actors import training
+    """Set only while a fixed-size run's fit lasts: a process started afterwards (the elastic cluster test's driver)
+    must not inherit it as if a user had set it."""
+    from actors.training import POLL_INTERVAL_S, controller_poll
 
     monkeypatch.delenv(POLL_INTERVAL_ENV, raising=False)
-    monkeypatch.setattr(training, "_poll_set_here", False)
     fixed = SFTJob(model_path="m", data_path="d", output_dir=str(tmp_path / "o"), storage_path=str(tmp_path))
     elastic = fixed.model_copy(update={"min_workers": 1})
-    training.set_controller_poll(fixed)
-    assert os.environ[POLL_INTERVAL_ENV] == training.POLL_INTERVAL_S
-    training.set_controller_poll(elastic)
+    with controller_poll(fixed):
+        with controller_poll(fixed):  # two chains' fits at once
+            assert os.environ[POLL_INTERVAL_ENV] == POLL_INTERVAL_S
+        assert os.environ[POLL_INTERVAL_ENV] == POLL_INTERVAL_S
     assert POLL_INTERVAL_ENV not in os.environ
+    with controller_poll(elastic):
+        assert POLL_INTERVAL_ENV not in os.environ
     monkeypatch.setenv(POLL_INTERVAL_ENV, "1.5")
-    training.set_controller_poll(fixed)
-    training.set_controller_poll(elastic)
+    with controller_poll(fixed):
+        assert os.environ[POLL_INTERVAL_ENV] == "1.5"
     assert os.environ[POLL_INTERVAL_ENV] == "1.5"
 
 
