@@ -181,7 +181,7 @@ class EvalSection(_Section):
     # than one 40 GB GPU, so the Llama-2-7B configs say cpu).
     analysis_device: Literal["auto", "cpu", "cuda"] = "auto"
     # the CPUs the analysis task asks Ray for and computes with (torch threads); None: those of one SFT worker.
-    # More than one node has would leave the task waiting for a node that never comes.
+    # The memory plan refuses more than a node has (the task would wait for a node that never comes).
     analysis_cpus: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")

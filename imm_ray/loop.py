@@ -283,13 +283,9 @@ class IterationLoop:
             pool.shutdown(wait=False, cancel_futures=True)
 
     def _chain(self, strategy: StrategySpec, base: ExternalModel, seed: int) -> list[EvalEntry]:
-        """One chain in a thread of its own: its sections label its stage lines (see _section)."""
-        self._chain_section.text = ""
+        """One chain in a thread of its own, whose stage lines name it (see _section)."""
+        self._chain_section.text = f"{strategy.label} · seed {seed}"
         return self.run_strategy(strategy, base, seed)
-
-    @property
-    def _concurrent(self) -> bool:
-        return not self.planning and self.config.resources.concurrent_chains > 1
 
     def seed_dir(self, seed: int) -> Path:
         return self.run_dir / f"seed_{seed}"
@@ -392,8 +388,8 @@ class IterationLoop:
             return final
         if self._stop.is_set():
             raise ChainStopped(f"{what}: not started, another chain's stage failed")
-        if self._concurrent:
-            what = f"{getattr(self._chain_section, 'text', '')} · {what}".lstrip(" ·")
+        if hasattr(self._chain_section, "text"):  # in a chain's thread
+            what = f"{self._chain_section.text} · {what}"
         with self._stage_lock(step.fingerprint):
             return self._run_once(step, link, what)
 
@@ -431,7 +427,7 @@ class IterationLoop:
         instead (the base's section, before the chains start, is still printed)."""
         if self.planning:
             return
-        if self._concurrent and hasattr(self._chain_section, "text"):  # in a chain's thread
+        if hasattr(self._chain_section, "text"):  # in a chain's thread
             self._chain_section.text = text
         else:
             self.view.section(text)
@@ -457,5 +453,5 @@ def _mix(seed: int, iteration: int) -> int:
     return int(fingerprint({"seed": seed, "iteration": iteration})[:8], 16)
 
 
-__all__ = ["ChainStopped", "IterationLoop", "NoCorrectSamplesError", "RunResult", "EvalEntry", "ModelRef", "StageEvent", "model_path",
-           "read_history"]
+__all__ = ["ChainStopped", "IterationLoop", "NoCorrectSamplesError", "RunResult", "EvalEntry", "ModelRef", "StageEvent",
+           "model_path", "read_history"]

@@ -236,7 +236,6 @@ def check_resources(config: ExperimentConfig) -> None:
         "resources.generation_actors × cpus_per_generation_actor": res.generation_actors * res.cpus_per_generation_actor,
         "resources.sft_workers × cpus_per_sft_worker": (res.sft_min_workers or res.sft_workers) * res.cpus_per_sft_worker,
         "resources.merge_workers": res.merge_workers,
-        "eval.analysis_cpus": config.eval.analysis_cpus or 0,
     }
     for field, need in needs.items():
         if need > cpus:

@@ -1,7 +1,9 @@
 import pytest
 
 from imm_ray.config import load_config
-from imm_ray.preflight import PreflightError, check_model_folder, check_resources, prepare_run, resolve_model
+from imm_ray.preflight import (
+    PreflightError, check_memory, check_model_folder, check_resources, prepare_run, resolve_model,
+)
 
 
 def test_missing_model_folder_names_the_field(tmp_path):
@@ -53,11 +55,15 @@ def test_an_unreachable_hub_is_asked_once_then_only_the_cache(monkeypatch):
 def test_more_workers_than_cpus_is_refused(ray_cluster):
     with pytest.raises(PreflightError, match=r"resources.sft_workers .* asks for 4 CPUs but the Ray cluster has 2"):
         check_resources(load_config(None, ["resources.sft_workers=4"]))
-    with pytest.raises(PreflightError, match=r"eval.analysis_cpus asks for 3 CPUs but the Ray cluster has 2"):
-        check_resources(load_config(None, ["eval.analysis_cpus=3"]))
     with pytest.raises(PreflightError, match="GPUs"):
         check_resources(load_config(None, ["resources.use_gpu=true"]))
     check_resources(load_config(None))  # the toy default fits a 2-CPU machine
+
+
+def test_an_analysis_asking_for_more_cpus_than_a_node_has_is_refused(ray_cluster):
+    with pytest.raises(PreflightError, match=r"stage analysis .* 3 CPUs asked, 2 there"):
+        check_memory(load_config(None, ["eval.analysis_cpus=3"]))
+    check_memory(load_config(None))  # the toy's 2 fit the 2-CPU node
 
 
 def test_unknown_data_set_is_named_before_any_work(ray_cluster):
