@@ -71,6 +71,9 @@ class EngineSpec(BaseModel):
     # 0.85x the dynamic cache's time on the toy, docs/benchmarks.md)
     attention: Literal["sdpa", "eager"] = "sdpa"
     kv_cache: Literal["dynamic", "preallocated", "static"] = "preallocated"
+    # transformers only, n > 1 samples per prompt: "shared" encodes each prompt once and copies its cache n times
+    # (0.72-0.79x the time of encoding it n times on the toy's evaluation groups, docs/benchmarks.md)
+    prefill: Literal["shared", "per_sample"] = "shared"
     tensor_parallel_size: int = Field(1, ge=1)
     gpu_memory_utilization: float = 0.85
     max_model_len: int | None = None

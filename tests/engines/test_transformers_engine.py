@@ -110,6 +110,21 @@ def test_kv_caches_give_the_dynamic_caches_samples_in_float32(model_dir: Path, k
     assert sample(engine_with(kv_cache), seed=9, n=4) == sample(engine_with("dynamic"), seed=9, n=4)
 
 
+@pytest.mark.parametrize("kv_cache", ["preallocated", "dynamic"])
+def test_a_prompt_encoded_once_gives_the_samples_of_encoding_it_per_sample(model_dir: Path, kv_cache: str) -> None:
+    """The shared prefill changes how often a prompt is encoded, not the draws: the same samples as
+    ``num_return_sequences`` repeating the prompt, for every sample of a left-padded batch (float32)."""
+    def engine_with(prefill: str) -> TransformersEngine:
+        return make_engine(EngineSpec(kind="transformers", model_path=str(model_dir), dtype="float32",
+                                      kv_cache=kv_cache, prefill=prefill))
+
+    shared, per_sample = engine_with("shared"), engine_with("per_sample")
+    assert len({len(p) for p in OFF_CORPUS + PROMPTS}) > 1
+    for seed in (2, 9):
+        request = SamplingRequest(n=4, temperature=1.0, max_new_tokens=12, seed=seed)
+        assert shared.generate(OFF_CORPUS + PROMPTS, request) == per_sample.generate(OFF_CORPUS + PROMPTS, request)
+
+
 def test_groups_are_generated_one_call_each_with_their_own_seeds(engine: TransformersEngine) -> None:
     groups = [(OFF_CORPUS, SamplingRequest(n=2, temperature=1.0, max_new_tokens=8, seed=3)),
               (PROMPTS[:2], SamplingRequest(n=1, temperature=0.4, max_new_tokens=8, seed=4))]
