@@ -17,8 +17,11 @@ done, process group up, data and model ready, DeepSpeed initialised, training do
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -70,6 +73,31 @@ def base_dtype(job: SFTJob):
     return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 
+# torch.compile (torch._dynamo.optimize) reads this variable at every call and returns a no-op decorator when it is
+# "1"; it is torch's switch for turning TorchDynamo off.
+DYNAMO_DISABLE_ENV = "TORCHDYNAMO_DISABLE"
+
+
+@contextlib.contextmanager
+def compile_decorators_off() -> Iterator[None]:
+    """While DeepSpeed initialises, ``torch.compile`` decorators are no-ops.
+
+    Under ZeRO, ``deepspeed.initialize`` checks the optimizer against its supported list and, to complete the list,
+    imports its Muon optimizer module, whose ``@torch.compile`` decorators import TorchInductor: 0.73-0.77 s of CPU
+    in every worker of every SFT stage (DeepSpeed 0.19's ``runtime.zero.utils.is_zero_supported_optimizer``;
+    docs/benchmarks.md) for an optimizer the job never uses (it trains with torch's AdamW). The worker compiles
+    nothing itself; the variable is restored afterwards."""
+    before = os.environ.get(DYNAMO_DISABLE_ENV)
+    os.environ[DYNAMO_DISABLE_ENV] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(DYNAMO_DISABLE_ENV, None)
+        else:
+            os.environ[DYNAMO_DISABLE_ENV] = before
+
+
 def train_worker(config: dict[str, Any]) -> None:
     """The per-worker training loop (runs inside a Ray Train worker process)."""
     timeline = {"worker_start": time.time()}
@@ -106,8 +134,9 @@ def train_worker(config: dict[str, Any]) -> None:
         scheduler = get_scheduler(job.lr_scheduler, optimizer, num_warmup_steps=int(job.warmup_ratio * total),
                                   num_training_steps=total)
         accumulation = micro_batches_per_step(job.global_batch, world, job.per_device_batch_size)
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                               config=deepspeed_config(job, accumulation))
+        with compile_decorators_off():
+            engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                   config=deepspeed_config(job, accumulation))
         if resume_dir is not None:
             restore_optimizer(engine, optimizer, resume_dir, progress.adam_step)
             restore_schedule(scheduler, progress.optimizer_steps)
