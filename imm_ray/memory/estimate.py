@@ -163,13 +163,19 @@ def vllm_need(shape: ModelShape, *, gpu_memory: int, utilization: float, tensor_
                 note=note)
 
 
-def transformers_need(shape: ModelShape, *, dtype: str, sequences: int, context: int, on_gpu: bool) -> Need:
+def transformers_need(shape: ModelShape, *, dtype: str, sequences: int, context: int, on_gpu: bool,
+                      prompts: int = 0) -> Need:
     """One transformers-engine actor: weights, a preallocated KV cache for one request group (all its prompts ×
-    samples), the logits of one step in float32."""
+    samples), the logits of one step in float32; with ``prompts`` (fewer than ``sequences``: the shared prefill),
+    also the prompts' own cache, which lives until it has been repeated for their samples (counted at full
+    context, an upper bound)."""
     weights = weight_bytes(shape, dtype)
     kv = sequences * context * kv_bytes_per_token(shape, dtype)
     logits = sequences * shape.vocab * 4
     parts = {"weights": weights, f"KV cache ({sequences} sequences × {context} tokens)": kv, "logits": logits}
+    if 0 < prompts < sequences:
+        parts[f"prompts' cache before it is repeated ({prompts} × {context} tokens)"] = \
+            prompts * context * kv_bytes_per_token(shape, dtype)
     if on_gpu:
         parts["CUDA context"] = CUDA_CONTEXT_BYTES
     device = sum(parts.values())

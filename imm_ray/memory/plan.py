@@ -115,7 +115,7 @@ def _generation(config: ExperimentConfig, shape: ModelShape, role: Role, kind: s
     else:
         samples = gen.samples_per_question if kind == "generate" else config.eval.samples
         need = estimate.transformers_need(shape, dtype=dtype, sequences=gen.questions_per_batch * samples,
-                                          context=context, on_gpu=on_gpu)
+                                          context=context, on_gpu=on_gpu, prompts=gen.questions_per_batch)
         what = f"transformers, {dtype}"
     return StagePlan(kind=kind, role=role, model=model, what=what, processes=res.generation_actors,
                      cpus=res.cpus_per_generation_actor, gpus=res.gpus_per_generation_actor, need=need)

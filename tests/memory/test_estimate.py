@@ -27,6 +27,17 @@ def test_kv_cache_and_activations_by_hand():
     assert estimate.logit_bytes(TOY, 2, 16) == 2 * 16 * 492 * 16
 
 
+def test_transformers_engine_counts_the_prompts_cache_of_the_shared_prefill():
+    """128 prompts x 2 samples: the repeated cache of 256 sequences, plus the prompts' own until it is repeated."""
+    per_token = estimate.kv_bytes_per_token(TOY, "bfloat16")
+    shared = dict(estimate.transformers_need(TOY, dtype="bfloat16", sequences=256, context=200, on_gpu=False,
+                                             prompts=128).parts)
+    assert shared["KV cache (256 sequences × 200 tokens)"] == 256 * 200 * per_token
+    assert shared["prompts' cache before it is repeated (128 × 200 tokens)"] == 128 * 200 * per_token
+    one_each = estimate.transformers_need(TOY, dtype="bfloat16", sequences=128, context=200, on_gpu=False, prompts=128)
+    assert not any(name.startswith("prompts'") for name, _ in one_each.parts)
+
+
 @pytest.mark.parametrize(("stage", "expected"), [
     (0, (2 * N, 2 * N, 12 * N)),
     (1, (2 * N, 2 * N, 12 * N // 4)),
