@@ -76,7 +76,10 @@ def _standalone_worker(args) -> tuple[float, list[str]]:
         request = SamplingRequest(n=count, temperature=temperature, top_p=plan.top_p,
                                   max_new_tokens=plan.max_new_tokens, seed=index, stop=STOP_STRINGS)
         completions += [c for samples in engine.generate(prompts, request) for c in samples]
-    return time.perf_counter() - started, completions
+    seconds = time.perf_counter() - started
+    # vLLM's engine-core process otherwise outlives the call and the executor waits on this worker for ever
+    getattr(engine, "close", lambda: None)()
+    return seconds, completions
 
 
 def main() -> None:
