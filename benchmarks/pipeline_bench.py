@@ -78,7 +78,7 @@ def _standalone_worker(args) -> tuple[float, list[str]]:
         completions += [c for samples in engine.generate(prompts, request) for c in samples]
     seconds = time.perf_counter() - started
     # vLLM's engine-core process otherwise outlives the call and the executor waits on this worker for ever
-    getattr(engine, "close", lambda: None)()
+    engine.close()
     return seconds, completions
 
 

@@ -120,6 +120,9 @@ class GenerationEngine(ABC):
         full instead of draining at the end of every group."""
         return [self.generate(prompts, request) for prompts, request in groups]
 
+    def close(self) -> None:
+        """Free what the engine holds beyond its own object (processes, a device); nothing by default."""
+
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     """The completion up to (not including) the earliest stop string."""
