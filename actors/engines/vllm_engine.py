@@ -49,9 +49,10 @@ were weighed, from Ray 2.60's code:
   the group itself, at the price of the engine's own process not sitting on the node of its GPUs.
 
 A lost node (a spot GPU node) costs its actor's request groups only: Ray Data restarts the actor (its defaults for
-actor pools, ``max_restarts=-1`` and ``max_task_retries=-1``) and the groups are redone with their own seeds, so
-the samples are those of an undisturbed run (tests/integration/test_cluster_node_loss.py, transformers engine on
-CPU; seen once, the test does not yet land its kill reliably). Seen on CPU only: no GPU, and no two GPUs for TP, were available where this was written.
+actor pools, ``max_restarts=-1`` and ``max_task_retries=-1``; on CPU, where engines run in Ray Data tasks, it
+retries the task) and the groups are redone with their own seeds, so the samples are those of an undisturbed run
+(tests/integration/test_cluster_node_loss.py, the transformers engine's task path on CPU; seen once, the test does
+not yet land its kill reliably). Seen on CPU only: no GPU, and no two GPUs for TP, were available where this was written.
 """
 
 from __future__ import annotations
