@@ -21,7 +21,10 @@ err_console = Console(stderr=True)
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
-    """The errors that mean "your input is wrong", each raised with a message naming the field or file."""
+    """The errors that mean "your input is wrong", each raised with a message naming the field or file.
+
+    Imported only once an error has arrived: their modules load torch (analysis) and the loop, which a command
+    such as ``imm-ray merge`` does not otherwise need (with torch loaded it must spawn its workers, not fork them)."""
     from imm_ray.analysis import AnalysisError
     from imm_ray.data.registry import DataError
     from imm_ray.loop import NoCorrectSamplesError
@@ -42,12 +45,16 @@ def fail(message: str, code: int = 2) -> NoReturn:
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
     """Turn the errors a user can cause, and failed stages, into a one-line message and an exit code."""
-    from imm_ray.loop import StageError
-
-    users = _user_error_types()
     try:
         yield
-    except StageError as error:
-        fail(str(error), 2 if isinstance(error.cause, users) else 1)
-    except users as error:
-        fail(str(error))
+    except typer.Exit:
+        raise
+    except Exception as error:
+        from imm_ray.loop import StageError
+
+        users = _user_error_types()
+        if isinstance(error, StageError):
+            fail(str(error), 2 if isinstance(error.cause, users) else 1)
+        if isinstance(error, users):
+            fail(str(error))
+        raise

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -36,3 +38,12 @@ def test_other_errors_pass_through():
     with pytest.raises(KeyError):
         with user_errors():
             raise KeyError("a bug, with its traceback")
+
+
+def test_the_error_path_loads_nothing_until_an_error_arrives():
+    """Commands run inside user_errors(); the error types' modules (torch, the loop) load only for an error."""
+    script = ("import sys\nfrom imm_ray.cli.errors import user_errors\nwith user_errors():\n    pass\n"
+              "print(sorted(m for m in ('torch', 'imm_ray.loop', 'imm_ray.analysis') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -65,3 +68,30 @@ def test_existing_output_and_pickles_are_refused(zoo: Zoo, tmp_path: Path) -> No
     assert result.exit_code == 2 and "pickle checkpoints are refused" in result.output
     assert "Traceback" not in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["existing", "pickled"]
+
+
+# Runs the command as a process of its own, recording the start method its local pool asks multiprocessing for.
+_RECORD_START_METHOD = """
+import multiprocessing, sys
+from imm_ray.cli import app
+real = multiprocessing.get_context
+def get_context(method=None):
+    print(f"start method: {method}", flush=True)
+    return real(method)
+multiprocessing.get_context = get_context
+sys.argv = ["imm-ray", *sys.argv[1:]]
+app()
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the command forks its workers on Linux only")
+def test_the_command_forks_its_local_workers(zoo: Zoo, tmp_path: Path) -> None:
+    """The command plans from headers and must not load torch before its pool starts: a process holding torch spawns
+    its workers instead, and each spawned worker imports the CLI and torch again (twice the CPU of the merge)."""
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    args = _args(zoo, tmp_path / "out", "--workers", "2", "--backend", "local")
+    result = subprocess.run([sys.executable, "-c", _RECORD_START_METHOD, *args], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "start method: fork" in result.stdout.splitlines()
+    assert MergeRecord.read(tmp_path / "out").workers == 2
