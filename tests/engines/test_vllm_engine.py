@@ -11,10 +11,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from engine_test_model import OFF_CORPUS, PROMPTS, build_engine_test_model, memorised_rest
+from engine_test_model import LINES, OFF_CORPUS, PROMPTS, build_engine_test_model, memorised_rest
 
 from actors.engines import EngineSpec, SamplingRequest, make_engine
-from actors.engines.vllm_engine import CPU_KV_CACHE_BYTES, VLLMEngine, llm_kwargs, prompt_seed
+from actors.engines.vllm_engine import CPU_KV_CACHE_BYTES, VLLMEngine, llm_kwargs, model_identity, prompt_seed
 
 TOY_MODEL = Path(__file__).resolve().parents[2] / "imm_ray" / "assets" / "toy"
 
@@ -219,3 +219,96 @@ def test_the_pipeline_on_cpu_samples_as_the_engine_does_in_kept_task_processes(
             for offset, text in enumerate(samples):
                 expected[(problem["id"], payload["first_sample"] + offset)] = text
     assert dict(zip(zip(first["question_id"], first["sample_index"]), first["completion"])) == expected
+
+
+def moved_copy(model_dir: Path, folder: Path, seed: int) -> Path:
+    """The model with every tensor moved by seeded noise: the same architecture and tokenizer, other weights."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model_dir, folder)
+    weights = next(folder.glob("*.safetensors"))
+    tensors, generator = load_file(weights), torch.Generator().manual_seed(seed)
+    save_file({name: t + 0.05 * torch.randn(t.shape, generator=generator, dtype=t.dtype) for name, t in tensors.items()},
+              weights, metadata={"format": "pt"})
+    return folder
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The engine test model (no vLLM needed to build it), copies with moved weights and with another padding
+    setting, and copies that differ in the architecture, the generation defaults and the tokenizer."""
+    import json
+    import shutil
+
+    def swap_two_tokens(tokenizer: dict) -> dict:  # transformers rebuilds a Qwen2 tokenizer from vocab and merges
+        vocab = tokenizer["model"]["vocab"]
+        first, second = sorted(vocab, key=vocab.get)[10:12]
+        vocab[first], vocab[second] = vocab[second], vocab[first]
+        return tokenizer
+
+    def pad_right(tokenizer: dict) -> dict:  # padding, which transformers sets on every call
+        return {**tokenizer, "padding": {"strategy": "BatchLongest", "direction": "Right", "pad_to_multiple_of": None,
+                                         "pad_id": 1, "pad_type_id": 0, "pad_token": "<|pad|>"}}
+
+    root = tmp_path_factory.mktemp("identity")
+    base = build_engine_test_model(root / "base")
+    found = {"base": base, "moved": moved_copy(base, root / "moved", seed=1)}
+    for name, file, change in (("padding", "tokenizer.json", pad_right),
+                               ("architecture", "config.json", lambda config: {**config, "rms_norm_eps": 1e-3}),
+                               ("defaults", "generation_config.json", lambda d: {**d, "repetition_penalty": 1.3}),
+                               ("tokenizer", "tokenizer.json", swap_two_tokens)):
+        shutil.copytree(base, root / name)
+        path = root / name / file
+        path.write_text(json.dumps(change(json.loads(path.read_text()))))
+        found[name] = root / name
+    return found
+
+
+def test_model_identity_is_all_but_the_weights(folders: dict[str, Path]) -> None:
+    def identity(name: str) -> tuple[str, ...]:
+        return model_identity(EngineSpec(kind="vllm", model_path=str(folders[name]), dtype="float32"))
+
+    assert identity("moved") == identity("base") == identity("padding")
+    assert all(identity(name) != identity("base") for name in ("architecture", "defaults", "tokenizer"))
+
+
+def test_a_kept_engine_takes_a_new_model_and_samples_as_one_built_on_it(
+        ray_cluster, model_dir: Path, tmp_path: Path) -> None:
+    """The CPU path: a kept task process's engine loads the weights of a model with moved weights in place
+    (vLLM's reload, then the repack of the tied LM head) and samples exactly as an engine built on that model,
+    greedy and at temperature 1; without the repack these samples differed (docs/benchmarks.md)."""
+    import ray
+
+    from actors.generation import task_runtime_env
+
+    spec = EngineSpec(kind="vllm", model_path=str(model_dir), max_model_len=256, dtype="float32")
+    moved = spec.model_copy(update={"model_path": str(moved_copy(model_dir, tmp_path / "moved", seed=1))})
+    # prompts of several KV blocks (16 tokens) too, whose blocks vLLM's prefix cache keeps from the first model
+    long = tuple(" ".join(LINES[:i]) + " " + PROMPTS[i] for i in range(1, 4))
+    groups = [(PROMPTS + long, SamplingRequest(n=1, temperature=0, max_new_tokens=24, seed=0)),
+              (OFF_CORPUS + PROMPTS + long, SamplingRequest(n=3, temperature=1.0, max_new_tokens=16, seed=7))]
+
+    def in_a_kept_process(first: EngineSpec, second: EngineSpec, work: list) -> tuple:  # shipped by value
+        from actors.engines import make_engine
+        from actors.generation import _kept, kept_engine
+
+        engine = kept_engine(first)
+        before = engine.generate_groups(work)
+        loaded = kept_engine(second)
+        after = loaded.generate_groups(work)
+        loaded.close()
+        _kept.clear()
+        built = make_engine(second)
+        expected = built.generate_groups(work)
+        built.close()
+        return loaded is engine, before, after, expected
+
+    remote = ray.remote(in_a_kept_process).options(num_cpus=1, **task_runtime_env(spec))
+    in_place, before, after, expected = ray.get(remote.remote(spec, moved, groups))
+    assert in_place
+    assert after == expected
+    assert after != before
+
