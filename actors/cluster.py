@@ -16,6 +16,11 @@ EXTENSIONS_DIR = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(sys.pref
 WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
               "TORCH_EXTENSIONS_DIR": EXTENSIONS_DIR}
 SESSION_LINK = "ray_session"  # logs/<this> -> the Ray session's log folder (raylet, workers' stdout/stderr)
+LOCAL_SESSION_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+"""Added to the workers' environment of a Ray started here, on one machine. Ray Train v2 starts a watcher actor
+per SFT stage that polls the cluster for nodes being drained (spot preemption); one machine has no node to lose,
+and starting and stopping the watcher cost ~1 s of every SFT stage's wall time on 2 cores (docs/benchmarks.md).
+A cluster (RAY_ADDRESS, ``ray up``) keeps Ray's default."""
 
 
 @contextlib.contextmanager
@@ -39,7 +44,7 @@ def ray_session(logs: Path | None = None, *, verbose: bool = False) -> Iterator[
     local = {} if address else {"include_dashboard": False}
     if not address:
         keep_warm_task_workers()
-    context = ray.init(address=address, runtime_env={"env_vars": WORKER_ENV}, logging_level="WARNING",
+    context = ray.init(address=address, runtime_env={"env_vars": worker_env(address)}, logging_level="WARNING",
                        log_to_driver=not quiet, **local)
     if logs is not None:
         link_session_logs(Path(context.address_info.get("session_dir", "")), logs)
@@ -51,6 +56,12 @@ def ray_session(logs: Path | None = None, *, verbose: bool = False) -> Iterator[
         yield
     finally:
         ray.shutdown()
+
+
+def worker_env(address: str | None) -> dict[str, str]:
+    """The environment variables of the job's workers: ``WORKER_ENV``, and on a Ray started here (no ``address``)
+    ``LOCAL_SESSION_ENV`` too."""
+    return dict(WORKER_ENV) if address else {**WORKER_ENV, **LOCAL_SESSION_ENV}
 
 
 KEPT_WORKER_POOLS = 2

@@ -23,6 +23,13 @@ def test_root_cause_unwraps_task_errors_and_train_worker_groups():
     assert root_cause(plain) is plain
 
 
+def test_a_ray_started_here_runs_sft_without_the_preemption_watcher_a_cluster_keeps_it():
+    from actors.cluster import WORKER_ENV, worker_env
+
+    assert worker_env(None) == {**WORKER_ENV, "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+    assert worker_env("ray://head:10001") == WORKER_ENV
+
+
 def test_session_logs_are_linked_where_they_exist(tmp_path):
     session = tmp_path / "session_1"
     (session / "logs").mkdir(parents=True)
@@ -61,17 +68,17 @@ def alive(process):  # a killed worker its raylet has not reaped yet is a zombie
 
 @ray.remote(num_cpus=1)
 class Holder:  # an SFT worker or merge actor: holds a CPU while the task workers sit idle
-    def ready(self):
-        return True
+    def ready(self):  # and sees the environment of a Ray started here (actors.cluster.LOCAL_SESSION_ENV)
+        return os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")
 
 with ray_session():
     before = workers()
     holders = [Holder.remote() for _ in range(2)]
-    ray.get([h.ready.remote() for h in holders])
+    watcher = ray.get([h.ready.remote() for h in holders])
     time.sleep(3)  # Ray kills an idle worker over its soft limit after about 1 s
     kept = [process for process, _ in before if alive(process)]  # asked of the OS: which other tasks ran where varies
     print("SOFT_LIMIT", os.environ.get("RAY_num_workers_soft_limit"), "POOLS", len({pool for _, pool in before}),
-          "KEPT", len(kept), "OF", len(before))
+          "KEPT", len(kept), "OF", len(before), "WATCHER", ",".join(map(str, watcher)))
 """
 
 
@@ -96,8 +103,10 @@ def test_a_local_ray_keeps_its_task_workers_while_actors_hold_the_cpus(tmp_path)
         print(lines[0])  # shown with a failed assertion below
         return lines[0]
 
-    pools, kept, of = (int(word) for word in run({}).split()[3::2])
+    line = run({})
+    pools, kept, of = (int(word) for word in line.split()[3:8:2])
     assert (pools, kept, of) == (2, 4, 4)
+    assert line.split()[-1] == "0,0"  # Ray Train's preemption watcher off on one machine
     # Ray's own default (-1: as many idle workers as CPUs are free, none while actors hold them); a user's value wins
-    pools, kept, of = (int(word) for word in run({"RAY_num_workers_soft_limit": "-1"}).split()[3::2])
+    pools, kept, of = (int(word) for word in run({"RAY_num_workers_soft_limit": "-1"}).split()[3:8:2])
     assert (pools, kept, of) == (2, 0, 4)
