@@ -34,6 +34,7 @@ from actors.sft.checkpoint import (
     PROGRESS_FILE, Progress, adam_step, load_master_weights, restore_optimizer, restore_schedule, save_checkpoint,
 )
 from actors.sft.job import PRECISION_DTYPES, TRAINING_LOG, SFTJob, decide_checkpoints, deepspeed_config, step_file
+from actors.sft.prebuild import load_shm_op
 from imm_ray.progress import append_step
 
 
@@ -112,6 +113,7 @@ def train_worker(config: dict[str, Any]) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(max(1, int(job.cpus_per_worker)))
     torch.manual_seed(job.seed)
+    load_shm_op()  # first, under a lock that dies with its holder: a killed worker's leftover cannot hang this one
     deepspeed.init_distributed(dist_backend="nccl" if job.use_gpu else "gloo")
     timeline["process_group"] = time.time()
 
