@@ -18,9 +18,9 @@ WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "erro
 SESSION_LINK = "ray_session"  # logs/<this> -> the Ray session's log folder (raylet, workers' stdout/stderr)
 LOCAL_SESSION_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 """Added to the workers' environment of a Ray started here, on one machine. Ray Train v2 starts a watcher actor
-per SFT stage that polls the cluster for nodes being drained (spot preemption); one machine has no node to lose,
-and starting and stopping the watcher cost ~1 s of every SFT stage's wall time on 2 cores (docs/benchmarks.md).
-A cluster (RAY_ADDRESS, ``ray up``) keeps Ray's default."""
+per SFT stage that polls the cluster for nodes being drained (spot preemption); one machine has no node to lose.
+Without it an SFT stage run alone took 1.0 s less wall time on 2 cores (four alternating sessions); inside the
+loop the saving was not resolved (docs/benchmarks.md). A cluster (RAY_ADDRESS, ``ray up``) keeps Ray's default."""
 
 
 @contextlib.contextmanager
