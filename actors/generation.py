@@ -134,7 +134,12 @@ def kept_engine(spec: EngineSpec) -> GenerationEngine:
     replaced = list(_kept.values())
     _kept.clear()
     for engine in replaced:
-        if engine.load_model(spec):
+        try:
+            loaded = engine.load_model(spec)
+        except BaseException:
+            engine.close()  # half-loaded: never kept, and its model and KV cache freed before the task is retried
+            raise
+        if loaded:
             _kept[spec] = engine
             return engine
         engine.close()

@@ -1,3 +1,5 @@
+import pytest
+
 from actors.engines import EngineSpec
 from actors.generation import PoolSpec, SamplingPlan, build_request_groups, generate_samples, groups_per_call
 from imm_ray.data.records import Problem
@@ -71,6 +73,8 @@ class _Engine:
         self.spec, self.loads, self.closed, self.loaded = spec, loads, False, []
 
     def load_model(self, spec: EngineSpec) -> bool:
+        if spec.model_path.endswith("corrupt"):
+            raise OSError(f"cannot read {spec.model_path}")
         if not (self.loads and spec.model_path.endswith("loadable")):
             return False
         self.spec = spec
@@ -123,4 +127,17 @@ def test_a_kept_engine_that_can_take_the_new_model_loads_it_in_place(monkeypatch
     # one it cannot take: closed, and a new engine built for it
     other = kept_engine(spec.model_copy(update={"model_path": "/m/teacher"}))
     assert other is not first and first.closed and len(built) == 2
+
+
+def test_a_kept_engine_that_fails_to_load_a_model_is_closed_and_not_kept(monkeypatch):
+    import actors.generation as generation
+    from actors.generation import kept_engine
+
+    built = _kept_engines(monkeypatch, loads=True)
+    spec = EngineSpec(kind="vllm", model_path="/m/merged", dtype="float32")
+    first = kept_engine(spec)
+    with pytest.raises(OSError, match="corrupt"):
+        kept_engine(spec.model_copy(update={"model_path": "/m/corrupt"}))
+    assert first.closed and generation._kept == {}
+    assert kept_engine(spec) is not first and len(built) == 2
 
