@@ -50,10 +50,11 @@ def load_shm_op() -> Any:
     from deepspeed.comm.torch import build_shm_op  # deepspeed's own loader: the same build init_distributed loads
 
     builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None:  # no such op here (GPUs): nothing is built, and the folder may not be writable
+        return None
     folder = Path(EXTENSIONS_DIR)
     with extensions_lock(folder):
-        if builder is not None:
-            (folder / builder.name / "lock").unlink(missing_ok=True)
+        (folder / builder.name / "lock").unlink(missing_ok=True)
         return build_shm_op()
 
 
