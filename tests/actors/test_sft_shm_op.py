@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from actors.cluster import EXTENSIONS_DIR
-from actors.sft.prebuild import LOCK_NAME, extensions_lock
+from actors.sft.shm_op import LOCK_NAME, extensions_lock
 
 ROOT = Path(__file__).resolve().parents[2]
 OP_FOLDER = Path(EXTENSIONS_DIR) / "deepspeed_shm_comm"
@@ -43,7 +43,7 @@ def test_deepspeed_alone_waits_forever_on_a_leftover_lock(extensions_with_a_left
 
 
 def test_load_shm_op_removes_a_leftover_lock_and_loads(extensions_with_a_leftover_lock: Path) -> None:
-    done = run_python("from actors.sft.prebuild import load_shm_op; print('LOADED', load_shm_op() is not None)",
+    done = run_python("from actors.sft.shm_op import load_shm_op; print('LOADED', load_shm_op() is not None)",
                       extensions_with_a_leftover_lock, timeout=120)
     assert "LOADED True" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
     assert not (extensions_with_a_leftover_lock / OP_FOLDER.name / "lock").exists()
@@ -53,7 +53,7 @@ def test_the_folder_lock_dies_with_its_holder(tmp_path: Path) -> None:
     """A process killed while it holds the lock (SIGKILL: no cleanup runs) leaves nothing that blocks the next."""
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time\nfrom pathlib import Path\n"
-         "from actors.sft.prebuild import extensions_lock\n"
+         "from actors.sft.shm_op import extensions_lock\n"
          "with extensions_lock(Path(sys.argv[1])):\n    print('HELD', flush=True)\n    time.sleep(60)\n",
          str(tmp_path)],
         env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, text=True, cwd=ROOT)
@@ -62,7 +62,7 @@ def test_the_folder_lock_dies_with_its_holder(tmp_path: Path) -> None:
         assert (tmp_path / LOCK_NAME).exists()
         holder.kill()
         holder.wait(timeout=10)
-        done = run_python("import sys\nfrom pathlib import Path\nfrom actors.sft.prebuild import extensions_lock\n"
+        done = run_python("import sys\nfrom pathlib import Path\nfrom actors.sft.shm_op import extensions_lock\n"
                           f"with extensions_lock(Path({str(tmp_path)!r})):\n    print('ACQUIRED')", tmp_path,
                           timeout=30)
         assert "ACQUIRED" in done.stdout, done.stderr[-2000:]
